@@ -1,0 +1,49 @@
+"""The Transport seam: how node logic talks to other nodes.
+
+Node code sends a message (a registered dataclass, see :mod:`kvcluster.net.codec`)
+to a node id and awaits the reply. It never opens sockets: the gRPC transport
+(:mod:`kvcluster.net.grpc_transport`) does that for real nodes and the simulated
+network (:mod:`kvcluster.sim.network`) for the deterministic simulator.
+
+A handler on the receiving side answers with a reply message or raises a
+:class:`kvcluster.errors.KVError`, which reaches the caller as the same class.
+Anything else a handler raises reaches the caller as ``errors.Internal``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+NodeId = str
+
+#: ``handler(source_node, message) -> reply``
+Handler = Callable[[NodeId, Any], Awaitable[Any]]
+
+
+class TransportError(Exception):
+    """The message could not be delivered or no reply came in time."""
+
+    def __init__(self, dst: NodeId, reason: str) -> None:
+        super().__init__(f"{dst}: {reason}")
+        self.dst = dst
+        self.reason = reason
+
+
+class Transport(Protocol):
+    """Request/reply messaging between nodes."""
+
+    async def call(self, dst: NodeId, msg: Any, timeout: float) -> Any:
+        """Send ``msg`` to ``dst`` and return its reply.
+
+        Raises :class:`TransportError` when ``dst`` is unknown, unreachable or
+        does not answer within ``timeout`` seconds, and the handler's
+        :class:`~kvcluster.errors.KVError` when the handler rejects the message.
+        """
+        ...
+
+    def set_address(self, node: NodeId, address: str) -> None:
+        """Tell the transport where ``node`` listens (ignored by the simulator)."""
+        ...
+
+    async def close(self) -> None: ...
