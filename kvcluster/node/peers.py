@@ -1,0 +1,183 @@
+"""Batched replication to one peer: one batch in flight per peer and lane.
+
+Coordinators hand single reads and writes to a :class:`PeerLink`; its sender
+tasks gather whatever is queued into one ``ReplicaRead`` / ``ReplicaWrite``
+message, so under load many requests share one RPC (the same idea as group
+commit on disk). Reads and writes use separate lanes so reads never wait
+behind a large write batch. Each lane's queue is bounded: when a peer falls
+behind, new items fail at once with ``Overloaded`` instead of queueing forever,
+and items whose deadline passed while queued are dropped unsent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from kvcluster import errors
+from kvcluster.net.messages import (
+    ReplicaRead,
+    ReplicaReadReply,
+    ReplicaWrite,
+    ReplicaWriteReply,
+    WriteItem,
+)
+from kvcluster.net.transport import NodeId, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+I = TypeVar("I")  # noqa: E741 (item)
+R = TypeVar("R")  # per-item result
+
+
+@dataclass(slots=True)
+class _Pending(Generic[I, R]):
+    item: I
+    deadline: float
+    future: asyncio.Future[R]
+
+
+class _Lane(Generic[I, R]):
+    """A bounded queue drained by one sender task, one batch at a time."""
+
+    def __init__(
+        self,
+        name: str,
+        send: Callable[[list[I], float], Coroutine[Any, Any, list[R | Exception]]],
+        batch: int,
+        limit: int,
+    ) -> None:
+        self._name = name
+        self._send = send
+        self._batch = batch
+        self._limit = limit
+        self._queue: deque[_Pending[I, R]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, item: I, deadline: float) -> asyncio.Future[R]:
+        if len(self._queue) >= self._limit:
+            raise errors.Overloaded(f"replication queue to {self._name} is full", self._name)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, deadline, loop.create_future())
+        self._queue.append(pending)
+        self._wakeup.set()
+        if self._task is None:
+            self._task = loop.create_task(self._run(), name=f"lane-{self._name}")
+        return pending.future
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            now = loop.time()
+            batch: list[_Pending[I, R]] = []
+            while self._queue and len(batch) < self._batch:
+                pending = self._queue.popleft()
+                if pending.future.done():
+                    continue
+                if pending.deadline <= now:
+                    pending.future.set_exception(TransportError(self._name, "deadline passed"))
+                    continue
+                batch.append(pending)
+            if not batch:
+                continue
+            timeout = max(p.deadline for p in batch) - now
+            try:
+                results = await self._send([p.item for p in batch], timeout)
+            except (TransportError, errors.KVError) as exc:
+                results = [exc] * len(batch)
+            except Exception as exc:  # a bug: fail the batch, keep the lane alive
+                log.exception("replication to %s failed", self._name)
+                results = [errors.Internal(str(exc))] * len(batch)
+            for pending, result in zip(batch, results, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(TransportError(self._name, "link closed"))
+
+
+class PeerLink:
+    """Batched reads and writes to one peer."""
+
+    def __init__(self, transport: Transport, peer: NodeId, batch: int, limit: int) -> None:
+        self.peer = peer
+        self._transport = transport
+        self._reads: _Lane[bytes, bytes | None] = _Lane(peer, self._send_reads, batch, limit)
+        self._writes: _Lane[WriteItem, None] = _Lane(peer, self._send_writes, batch, limit)
+
+    def read(self, pkey: bytes, deadline: float) -> asyncio.Future[bytes | None]:
+        """The peer's record for ``pkey`` (None if absent)."""
+        return self._reads.submit(pkey, deadline)
+
+    def write(self, item: WriteItem, deadline: float) -> asyncio.Future[None]:
+        """Resolves once the peer stored ``item`` durably."""
+        return self._writes.submit(item, deadline)
+
+    def queued(self) -> int:
+        return len(self._reads) + len(self._writes)
+
+    async def _send_reads(
+        self, pkeys: list[bytes], timeout: float
+    ) -> list[bytes | Exception | None]:
+        reply = await self._transport.call(self.peer, ReplicaRead(tuple(pkeys)), timeout)
+        if not isinstance(reply, ReplicaReadReply) or len(reply.records) != len(pkeys):
+            raise errors.Internal(f"bad ReplicaRead reply from {self.peer}")
+        return list(reply.records)
+
+    async def _send_writes(self, items: list[WriteItem], timeout: float) -> list[Exception | None]:
+        reply = await self._transport.call(self.peer, ReplicaWrite(tuple(items)), timeout)
+        if not isinstance(reply, ReplicaWriteReply) or len(reply.errors) != len(items):
+            raise errors.Internal(f"bad ReplicaWrite reply from {self.peer}")
+        return [None if e is None else errors.Internal(f"{self.peer}: {e}") for e in reply.errors]
+
+    async def close(self) -> None:
+        await self._reads.close()
+        await self._writes.close()
+
+
+class PeerLinks:
+    """One :class:`PeerLink` per peer, created on first use."""
+
+    def __init__(self, transport: Transport, batch: int, limit: int) -> None:
+        self._transport = transport
+        self._batch = batch
+        self._limit = limit
+        self._links: dict[NodeId, PeerLink] = {}
+
+    def __getitem__(self, peer: NodeId) -> PeerLink:
+        link = self._links.get(peer)
+        if link is None:
+            link = self._links[peer] = PeerLink(self._transport, peer, self._batch, self._limit)
+        return link
+
+    def queued(self) -> dict[NodeId, int]:
+        return {peer: link.queued() for peer, link in sorted(self._links.items())}
+
+    async def close(self) -> None:
+        for peer in sorted(self._links):
+            await self._links[peer].close()
+        self._links.clear()

@@ -1,0 +1,195 @@
+"""This node's copy of the data: local reads, coordinated writes, merges.
+
+Every change is one group-committed :meth:`Storage.write`, so it is durable
+before anyone is told it happened, and the read-modify-write of a key's dvvset
+runs inside the write transaction (one writer), never racing another update.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvcluster import errors
+from kvcluster.core import dvvset
+from kvcluster.core.record import (
+    CorruptRecord,
+    Record,
+    Sibling,
+    decode_record,
+    encode_record,
+)
+from kvcluster.net.messages import WriteItem
+from kvcluster.node import store
+from kvcluster.storage.base import Storage, Table, WriteView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HintLimits:
+    """Hints per target beyond this are dropped (anti-entropy catches up)."""
+
+    max_per_target: int
+
+
+class LocalReplica:
+    def __init__(self, storage: Storage, incarnation: str, hint_limits: HintLimits) -> None:
+        self.storage = storage
+        self.incarnation = incarnation
+        self.hint_limits = hint_limits
+        #: hints held per target, as counted in the store (kept in step by writes)
+        self.hint_counts: dict[str, int] = {}
+        self.hints_dropped = 0
+
+    def load_hint_counts(self) -> None:
+        counts: dict[str, int] = {}
+        with self.storage.read() as view:
+            for key, _ in view.scan(Table.HINTS):
+                target, _pkey = store.split_hint_key(key)
+                counts[target] = counts.get(target, 0) + 1
+        self.hint_counts = counts
+
+    # -- reads ------------------------------------------------------------------
+
+    def read(self, pkey: bytes) -> bytes | None:
+        """The stored record bytes for ``pkey`` (a snapshot read; ~1 µs)."""
+        with self.storage.read() as view:
+            return store.read_record(view, pkey)
+
+    def read_many(self, pkeys: Sequence[bytes]) -> list[bytes | None]:
+        with self.storage.read() as view:
+            return [store.read_record(view, pk) for pk in pkeys]
+
+    # -- writes -----------------------------------------------------------------
+
+    async def coordinate(
+        self,
+        pkey: bytes,
+        sibling: Sibling,
+        context: dvvset.VersionVector,
+        hint_for: Sequence[str],
+        now_ms: int,
+        lww: bool = False,
+    ) -> tuple[bytes, Record]:
+        """Apply a client write as this node's event; return the new record (bytes and clock).
+
+        ``context`` empty means the write supersedes nothing. ``hint_for`` names
+        the owners that must receive this record later (the one this node
+        stands in for, and owners that are down with no fallback). ``lww``
+        (unsafe, for checker tests only) collapses siblings to the newest value.
+        """
+        new = dvvset.new_with_context(context, sibling) if context else dvvset.new(sibling)
+        incarnation = self.incarnation
+        hinted = [t for t in hint_for if self._may_hint(t)]
+        self.hints_dropped += len(hint_for) - len(hinted)
+
+        def apply(view: WriteView) -> tuple[bytes, Record, list[int]]:
+            stored = store.read_stored(view, pkey)
+            if stored is None:
+                epoch = store.next_actor_epoch(view)
+                local: Record = dvvset.empty()
+            else:
+                epoch = stored.epoch
+                local = decode_record(stored.record)
+            actor = store.actor_name(incarnation, epoch)
+            updated = dvvset.update_with(new, local, actor)
+            if lww:
+                updated = dvvset.lww(updated, _newest)
+            record = encode_record(updated)
+            store.write_record(view, pkey, record, epoch)
+            added = [_put_hint(view, target, pkey, now_ms) for target in hinted]
+            return record, updated, added
+
+        record, updated, added = await self.storage.write(apply)
+        for target, count in zip(hinted, added, strict=True):
+            self.hint_counts[target] = self.hint_counts.get(target, 0) + count
+        return record, updated
+
+    async def merge(self, items: Sequence[WriteItem], now_ms: int) -> list[str | None]:
+        """Merge replicated records (dvvset sync); per item None or an error text."""
+        allowed = [self._may_hint(item.hint_for) for item in items]
+
+        def apply(view: WriteView) -> list[tuple[str | None, int]]:
+            results: list[tuple[str | None, int]] = []
+            for item, allow_hint in zip(items, allowed, strict=True):
+                try:
+                    merge_into(view, item.pkey, item.record)
+                except CorruptRecord as exc:
+                    results.append((f"corrupt record: {exc}", 0))
+                    continue
+                added = 0
+                if item.hint_for is not None and allow_hint:
+                    added = _put_hint(view, item.hint_for, item.pkey, now_ms)
+                results.append((None, added))
+            return results
+
+        try:
+            results = await self.storage.write(apply)
+        except errors.KVError as exc:
+            return [exc.message] * len(items)
+        for item, allow_hint, (error, added) in zip(items, allowed, results, strict=True):
+            if error is None:
+                self._note_hints(item.hint_for, allow_hint, added)
+        return [error for error, _ in results]
+
+    async def add_hints(self, target: str, pkeys: Sequence[bytes], now_ms: int) -> None:
+        """Remember that ``target`` must receive our copy of ``pkeys``."""
+        if not self._may_hint(target):
+            self.hints_dropped += len(pkeys)
+            return
+
+        def apply(view: WriteView) -> int:
+            added = 0
+            for pkey in pkeys:
+                added += _put_hint(view, target, pkey, now_ms)
+            return added
+
+        added = await self.storage.write(apply)
+        self.hint_counts[target] = self.hint_counts.get(target, 0) + added
+
+    def _may_hint(self, target: str | None) -> bool:
+        if target is None:
+            return False
+        return self.hint_counts.get(target, 0) < self.hint_limits.max_per_target
+
+    def _note_hints(self, target: str | None, allowed: bool, added: int) -> None:
+        if target is None:
+            return
+        if allowed:
+            self.hint_counts[target] = self.hint_counts.get(target, 0) + added
+        else:
+            self.hints_dropped += 1
+
+    def hints_removed(self, target: str, count: int) -> None:
+        left = self.hint_counts.get(target, 0) - count
+        if left > 0:
+            self.hint_counts[target] = left
+        else:
+            self.hint_counts.pop(target, None)
+
+
+def merge_into(view: WriteView, pkey: bytes, incoming: bytes) -> bool:
+    """Sync ``incoming`` into the stored record; True if the stored bytes changed."""
+    theirs = decode_record(incoming)
+    current = store.read_record(view, pkey)
+    if current == incoming:
+        return False
+    merged = theirs if current is None else dvvset.sync(decode_record(current), theirs)
+    record = encode_record(merged)
+    if record == current:
+        return False
+    store.write_record(view, pkey, record)
+    return True
+
+
+def _put_hint(view: WriteView, target: str, pkey: bytes, now_ms: int) -> int:
+    key = store.hint_key(target, pkey)
+    existed = view.get(Table.HINTS, key) is not None
+    view.put(Table.HINTS, key, now_ms.to_bytes(8, "big"))
+    return 0 if existed else 1
+
+
+def _newest(value: Sibling) -> tuple[int, bool, bytes]:
+    return (value.timestamp_ms, value.deleted, value.data)

@@ -1,0 +1,152 @@
+"""How a node lays out its state in the Storage tables.
+
+DATA
+    ``pkey`` (2-byte partition + user key) -> ``epoch (8 bytes) + record``.
+    ``record`` is the replicated dvvset (:mod:`kvcluster.core.record`), the
+    same bytes on every replica. ``epoch`` is local: it names the *actor* this
+    node uses when it coordinates a write to the key (see below); it is never
+    replicated and is not part of any hash.
+MERKLE
+    ``partition (2) + segment (2)`` -> 16-byte segment hash, kept up to date on
+    every change of DATA (XOR of leaf hashes, :mod:`kvcluster.core.merkle`).
+HINTS
+    ``target node id + 0x00 + pkey`` -> ``created_ms (8 bytes)``: this node
+    holds data for ``pkey`` that ``target`` must receive. The data itself is
+    the local record, read at delivery time, so many writes to one key make
+    one hint.
+META
+    identity, cluster metadata, agreement state, actor epoch counter.
+
+Actors. A dvvset dot ``(actor, n)`` must be unique for a key, and an actor
+may only create dot ``n + 1`` if it has seen all its earlier dots for that
+key. A node therefore never reuses an actor across *local lifetimes* of a key:
+whenever a key comes into existence in this store (first write, or again after
+it was removed locally by handoff cleanup or tombstone removal), it is given a
+fresh epoch from a counter in META, and the node's actor for that key is
+``<incarnation>.<epoch>``. The incarnation is random per store, so a wiped
+data directory can never reuse an old actor either. This is the fix Riak 2.x
+made with per-key actor epochs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kvcluster.core import merkle
+from kvcluster.core.hashing import key_hash
+from kvcluster.storage.base import ReadView, Table, WriteView
+
+_EPOCH = struct.Struct(">Q")
+_SEGMENT_KEY = struct.Struct(">HH")
+
+META_INCARNATION = b"incarnation"
+META_NODE_ID = b"node_id"
+META_ACTOR_EPOCH = b"actor_epoch"
+META_CLUSTER = b"cluster_meta"
+META_AGREEMENT = b"agreement"
+
+SEGMENTS = merkle.DEFAULT_SEGMENTS
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A DATA value: the local actor epoch and the replicated record bytes."""
+
+    epoch: int
+    record: bytes
+
+    def encode(self) -> bytes:
+        return _EPOCH.pack(self.epoch) + self.record
+
+    @staticmethod
+    def decode(raw: bytes) -> Stored:
+        return Stored(_EPOCH.unpack_from(raw)[0], raw[_EPOCH.size :])
+
+
+def read_record(view: ReadView, pkey: bytes) -> bytes | None:
+    raw = view.get(Table.DATA, pkey)
+    return None if raw is None else raw[_EPOCH.size :]
+
+
+def read_stored(view: ReadView, pkey: bytes) -> Stored | None:
+    raw = view.get(Table.DATA, pkey)
+    return None if raw is None else Stored.decode(raw)
+
+
+def next_actor_epoch(view: WriteView) -> int:
+    """Allocate a fresh actor epoch (durable with the enclosing write)."""
+    raw = view.get(Table.META, META_ACTOR_EPOCH)
+    epoch = (int.from_bytes(raw, "big") if raw else 0) + 1
+    view.put(Table.META, META_ACTOR_EPOCH, epoch.to_bytes(8, "big"))
+    return epoch
+
+
+def actor_name(incarnation: str, epoch: int) -> str:
+    return f"{incarnation}.{epoch:x}"
+
+
+def segment_key(partition: int, segment: int) -> bytes:
+    return _SEGMENT_KEY.pack(partition, segment)
+
+
+def write_record(view: WriteView, pkey: bytes, record: bytes | None, epoch: int = 0) -> None:
+    """Store (or with ``None`` remove) a key's record, updating its Merkle segment.
+
+    ``epoch`` is used only when the key is new locally; 0 means "allocate one".
+    """
+    old = view.get(Table.DATA, pkey)
+    old_record = None if old is None else old[_EPOCH.size :]
+    if old_record == record:
+        return
+    if record is None:
+        view.delete(Table.DATA, pkey)
+    else:
+        if old is not None:
+            epoch = _EPOCH.unpack_from(old)[0]
+        elif epoch == 0:
+            epoch = next_actor_epoch(view)
+        view.put(Table.DATA, pkey, _EPOCH.pack(epoch) + record)
+    _update_segment(view, pkey, old_record, record)
+
+
+def _update_segment(
+    view: WriteView, pkey: bytes, old_record: bytes | None, new_record: bytes | None
+) -> None:
+    partition = int.from_bytes(pkey[:2], "big")
+    segment = merkle.segment_of(key_hash(pkey[2:]), SEGMENTS)
+    skey = segment_key(partition, segment)
+    raw = view.get(Table.MERKLE, skey)
+    current = int.from_bytes(raw, "big") if raw else 0
+    updated = merkle.segment_after(current, pkey, old_record, new_record)
+    if updated:
+        view.put(Table.MERKLE, skey, updated.to_bytes(16, "big"))
+    elif raw is not None:
+        view.delete(Table.MERKLE, skey)
+
+
+def segment_hashes(view: ReadView, partition: int) -> list[int]:
+    """The partition's segment hashes (0 for empty segments)."""
+    hashes = [0] * SEGMENTS
+    for key, value in view.scan(Table.MERKLE, prefix=partition.to_bytes(2, "big")):
+        hashes[_SEGMENT_KEY.unpack(key)[1]] = int.from_bytes(value, "big")
+    return hashes
+
+
+def partition_items(view: ReadView, partition: int) -> Iterator[tuple[bytes, bytes]]:
+    """(pkey, record) of every key stored for ``partition``, in key order."""
+    for key, raw in view.scan(Table.DATA, prefix=partition.to_bytes(2, "big")):
+        yield key, raw[_EPOCH.size :]
+
+
+# -- hints ------------------------------------------------------------------------
+
+
+def hint_key(target: str, pkey: bytes) -> bytes:
+    return target.encode() + b"\x00" + pkey
+
+
+def split_hint_key(key: bytes) -> tuple[str, bytes]:
+    target, _, pkey = key.partition(b"\x00")
+    return target.decode(), pkey
