@@ -1,0 +1,293 @@
+"""gRPC adapters: protobuf <-> core types, KVError <-> status codes.
+
+Nothing here decides anything; each method unpacks a request, calls the
+node, and packs the answer. A :class:`~kvcluster.errors.KVError` becomes a
+status code plus the ``kvcluster-error-bin`` trailing metadata that the
+client turns back into the same exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from kvcluster import errors
+from kvcluster.net.faults import Faults, FaultState
+from kvcluster.node.node import Node
+from kvcluster.wire.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ERROR_KEY = "kvcluster-error-bin"
+
+STATUS_OF: dict[type[errors.KVError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Timeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.NotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def quorum_value(q: kv_pb2.Quorum) -> int | str | None:
+    """A request's Quorum as the coordinator takes it (None = node default)."""
+    which = q.WhichOneof("value")
+    if which == "count":
+        return int(q.count)
+    if which == "level":
+        return {
+            kv_pb2.Quorum.LEVEL_ONE: "one",
+            kv_pb2.Quorum.LEVEL_QUORUM: "quorum",
+            kv_pb2.Quorum.LEVEL_ALL: "all",
+        }.get(q.level)
+    return None
+
+
+def _timeout(ms: int) -> float | None:
+    return ms / 1000.0 if ms else None
+
+
+def error_item(err: errors.KVError) -> kv_pb2.ItemError:
+    return kv_pb2.ItemError(
+        kind=err.kind, message=err.message, details_json=json.dumps(err.details())
+    )
+
+
+async def _abort(context: Ctx, err: errors.KVError) -> None:
+    context.set_trailing_metadata(((ERROR_KEY, json.dumps(errors.to_wire(err)).encode()),))
+    await context.abort(STATUS_OF.get(type(err), grpc.StatusCode.UNKNOWN), err.message)
+
+
+class KVService(kv_pb2_grpc.KVServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.metrics = node.metrics
+
+    async def _run(self, op: str, context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await call()
+        except errors.KVError as err:
+            outcome = err.kind
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None  # abort() raises
+        except Exception as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            outcome = "internal"
+            log.exception("%s failed", op)
+            await _abort(context, errors.Internal(f"{type(exc).__name__}: {exc}"))
+            raise AssertionError("unreachable") from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.requests.labels(op, outcome).inc()
+                self.metrics.latency.labels(op).observe(time.perf_counter() - start)
+
+    async def Get(self, request: kv_pb2.GetRequest, context: Ctx) -> kv_pb2.GetResponse:  # noqa: N802
+        return await self._run("get", context, lambda: self._get(request))
+
+    async def _get(self, request: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
+        result = await self.node.coordinator.get(
+            request.key,
+            r=quorum_value(request.r),
+            strict=request.strict,
+            timeout=_timeout(request.timeout_ms),
+        )
+        return kv_pb2.GetResponse(found=result.found, values=result.values, context=result.context)
+
+    async def Put(self, request: kv_pb2.PutRequest, context: Ctx) -> kv_pb2.PutResponse:  # noqa: N802
+        return await self._run("put", context, lambda: self._put(request))
+
+    async def _put(self, request: kv_pb2.PutRequest) -> kv_pb2.PutResponse:
+        result = await self.node.coordinator.put(
+            request.key,
+            request.value,
+            request.context,
+            w=quorum_value(request.w),
+            strict=request.strict,
+            timeout=_timeout(request.timeout_ms),
+        )
+        return kv_pb2.PutResponse(context=result.context, values=result.values)
+
+    async def Delete(  # noqa: N802
+        self, request: kv_pb2.DeleteRequest, context: Ctx
+    ) -> kv_pb2.DeleteResponse:
+        async def call() -> kv_pb2.DeleteResponse:
+            found = await self.node.coordinator.delete(
+                request.key,
+                request.context,
+                w=quorum_value(request.w),
+                r=quorum_value(request.r),
+                strict=request.strict,
+                timeout=_timeout(request.timeout_ms),
+            )
+            return kv_pb2.DeleteResponse(found=found)
+
+        return await self._run("delete", context, call)
+
+    async def PutMany(  # noqa: N802
+        self, request: kv_pb2.PutManyRequest, context: Ctx
+    ) -> kv_pb2.PutManyResponse:
+        async def call() -> kv_pb2.PutManyResponse:
+            self._check_batch(len(request.items))
+            results = await asyncio.gather(
+                *(self._put(item) for item in request.items), return_exceptions=True
+            )
+            out = kv_pb2.PutManyResponse()
+            for result in results:
+                if isinstance(result, errors.KVError):
+                    out.results.add(error=error_item(result))
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    out.results.add(ok=result)
+            return out
+
+        return await self._run("put_many", context, call)
+
+    async def GetMany(  # noqa: N802
+        self, request: kv_pb2.GetManyRequest, context: Ctx
+    ) -> kv_pb2.GetManyResponse:
+        async def call() -> kv_pb2.GetManyResponse:
+            self._check_batch(len(request.items))
+            results = await asyncio.gather(
+                *(self._get(item) for item in request.items), return_exceptions=True
+            )
+            out = kv_pb2.GetManyResponse()
+            for result in results:
+                if isinstance(result, errors.KVError):
+                    out.results.add(error=error_item(result))
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    out.results.add(ok=result)
+            return out
+
+        return await self._run("get_many", context, call)
+
+    def _check_batch(self, count: int) -> None:
+        limit = self.node.settings.max_batch_items
+        if count > limit:
+            raise errors.InvalidArgument(
+                f"batch of {count} items exceeds the limit of {limit}", "items"
+            )
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, node: Node, faults: FaultState | None = None) -> None:
+        self.node = node
+        self.faults = faults
+
+    async def SetFaults(  # noqa: N802
+        self, request: admin_pb2.Faults, context: Ctx
+    ) -> admin_pb2.Faults:
+        if self.faults is None:
+            await _abort(context, errors.InvalidArgument("fault injection is not enabled"))
+            raise AssertionError("unreachable")
+        wanted = Faults(
+            blocked=frozenset(request.blocked),
+            loss=request.loss,
+            delay_ms=(request.delay_ms_min, request.delay_ms_max),
+            clock_offset_ms=request.clock_offset_ms,
+        )
+        try:
+            self.faults.set(wanted)
+        except ValueError as exc:
+            await _abort(context, errors.InvalidArgument(str(exc), "faults"))
+        if wanted.active:
+            log.warning("injected faults on %s: %s", self.node.node_id, wanted)
+        else:
+            log.info("faults healed on %s", self.node.node_id)
+        current = self.faults.faults
+        return admin_pb2.Faults(
+            blocked=sorted(current.blocked),
+            loss=current.loss,
+            delay_ms_min=current.delay_ms[0],
+            delay_ms_max=current.delay_ms[1],
+            clock_offset_ms=current.clock_offset_ms,
+        )
+
+    async def Status(  # noqa: N802
+        self, request: admin_pb2.StatusRequest, context: Ctx
+    ) -> admin_pb2.StatusResponse:
+        s = self.node.status()
+        return admin_pb2.StatusResponse(
+            node_id=s.node_id,
+            address=s.address,
+            ready=s.ready,
+            ring_epoch=s.ring_epoch,
+            partitions=s.partitions,
+            n_val=s.n_val,
+            r=s.r,
+            w=s.w,
+            members=[
+                admin_pb2.MemberStatus(
+                    id=m.node_id,
+                    address=m.address,
+                    state=m.state,
+                    phi=m.phi,
+                    partitions=m.partitions,
+                    primaries=m.primaries,
+                    hints_pending=m.hints_pending,
+                )
+                for m in s.members
+            ],
+            hints_pending=s.hints_pending,
+            hints_dropped=s.hints_dropped,
+            keys=s.keys,
+            uptime_seconds=s.uptime_seconds,
+            version=s.version,
+            repairs=[
+                admin_pb2.PartitionRepair(partition=p, last_repaired_unix=t)
+                for p, t in sorted(s.last_repaired.items())
+            ],
+        )
+
+    async def Ring(  # noqa: N802
+        self, request: admin_pb2.RingRequest, context: Ctx
+    ) -> admin_pb2.RingResponse:
+        try:
+            meta = self.node.membership.require_meta()
+        except errors.KVError as err:
+            await _abort(context, err)
+            raise AssertionError("unreachable") from None
+        ring = meta.ring
+        return admin_pb2.RingResponse(
+            epoch=ring.epoch,
+            partitions=ring.q,
+            n_val=ring.n,
+            members=[admin_pb2.RingMember(id=m, address=meta.address_of(m)) for m in ring.members],
+            owners=[admin_pb2.PartitionOwners(owners=list(o)) for o in ring.owners],
+        )
+
+    async def Repair(  # noqa: N802
+        self, request: admin_pb2.RepairRequest, context: Ctx
+    ) -> AsyncIterator[admin_pb2.RepairProgress]:
+        partition = request.partition if request.HasField("partition") else None
+        try:
+            async for p in self.node.repair(partition):
+                yield admin_pb2.RepairProgress(
+                    partitions_done=p.partitions_done,
+                    partitions_total=p.partitions_total,
+                    keys_compared=p.keys_compared,
+                    keys_exchanged=p.keys_exchanged,
+                    keys_repaired=p.keys_repaired,
+                    bytes_exchanged=p.bytes_exchanged,
+                    seconds=p.seconds,
+                    done=p.done,
+                    errors=p.errors,
+                )
+        except errors.KVError as err:
+            await _abort(context, err)
