@@ -150,3 +150,38 @@ def hint_key(target: str, pkey: bytes) -> bytes:
 def split_hint_key(key: bytes) -> tuple[str, bytes]:
     target, _, pkey = key.partition(b"\x00")
     return target.decode(), pkey
+
+
+def rebuilt_segment_hashes(view: ReadView, partition: int) -> list[int]:
+    """The partition's segment hashes recomputed from DATA (the recovery path).
+
+    Must equal :func:`segment_hashes`, which writes maintain incrementally;
+    tests check that they do.
+    """
+    return merkle.rebuild_segments(
+        (
+            (merkle.segment_of(key_hash(pkey[2:]), SEGMENTS), pkey, record)
+            for pkey, record in partition_items(view, partition)
+        ),
+        SEGMENTS,
+    )
+
+
+def rebuild_merkle(view: WriteView, partition: int) -> int:
+    """Replace the partition's stored segment hashes by a rebuild from DATA.
+
+    Returns how many segments had to change (0 when the incremental tree was right).
+    """
+    stored = segment_hashes(view, partition)
+    rebuilt = rebuilt_segment_hashes(view, partition)
+    changed = 0
+    for segment, (old, new) in enumerate(zip(stored, rebuilt, strict=True)):
+        if old == new:
+            continue
+        changed += 1
+        key = segment_key(partition, segment)
+        if new:
+            view.put(Table.MERKLE, key, new.to_bytes(16, "big"))
+        else:
+            view.delete(Table.MERKLE, key)
+    return changed
