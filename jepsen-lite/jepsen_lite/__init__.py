@@ -1,8 +1,15 @@
 """jepsen-lite: a Jepsen-style test harness for kvcluster.
 
-This package holds the history model (:mod:`jepsen_lite.history`) and the checkers
-(:mod:`jepsen_lite.checkers`); :mod:`jepsen_lite.corpus` reads the linearizability
-test corpus.
+- :mod:`jepsen_lite.history`: operations, histories as JSON lines, pairing;
+- :mod:`jepsen_lite.checkers`: set, multi-value register, linearizability,
+  session guarantees, convergence; :mod:`jepsen_lite.corpus` reads the
+  linearizability test corpus;
+- :mod:`jepsen_lite.backends`: where the cluster runs and how faults reach it
+  (``local``, ``netns``; the :class:`~jepsen_lite.backends.base.Backend` protocol);
+- :mod:`jepsen_lite.nemesis`: seeded fault schedules and the event log;
+- :mod:`jepsen_lite.workloads`: ``set``, ``register``, ``lin-register``;
+- :mod:`jepsen_lite.runner`, :mod:`jepsen_lite.report`, :mod:`jepsen_lite.cli`: one
+  run end to end, ``report.html``, the ``jepsen-lite`` command.
 """
 
 from __future__ import annotations

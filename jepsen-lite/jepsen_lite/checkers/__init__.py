@@ -16,6 +16,7 @@ from jepsen_lite.checkers.linearizable import (
     check_linearizable,
     check_pairs,
 )
+from jepsen_lite.checkers.mv_register import MultiValueRegisterModel
 from jepsen_lite.checkers.register import (
     FINAL,
     SEEN,
@@ -41,6 +42,7 @@ __all__ = [
     "LinearizabilityResult",
     "LinearizedOp",
     "Model",
+    "MultiValueRegisterModel",
     "RegisterAnomaly",
     "RegisterResult",
     "SessionResult",

@@ -26,6 +26,11 @@ Definitions (positions are history positions, i.e. real-time order):
 - *stale*: an element that a read invoked after it became known did not contain,
   although it is not lost. Stale reads are legal for an eventually consistent store;
   with ``allow_stale=False`` they make the history invalid.
+- with ``stale_after_ack=True``, staleness is judged only for *acknowledged* adds,
+  against the reads invoked after the add's ``ok`` completion (an indeterminate add
+  that one read saw may legitimately be missing from the next). That is what
+  overlapping strict quorums (R + W > N, primaries only) guarantee: a read sees
+  every write acknowledged before it began. Use it with ``allow_stale=False``.
 
 ``valid`` is ``False`` if anything is lost, unexpected, failed-visible or duplicated
 (or stale, when not allowed); ``"unknown"`` if a key with attempted adds was never
@@ -152,7 +157,11 @@ class _Acc:
 
 
 def _check_key(
-    key: str | None, key_adds: dict[Hashable, Pair], key_reads: list[Pair], acc: _Acc
+    key: str | None,
+    key_adds: dict[Hashable, Pair],
+    key_reads: list[Pair],
+    acc: _Acc,
+    stale_after_ack: bool = False,
 ) -> None:
     contents: list[set[Hashable]] = []
     seen_by: dict[Hashable, list[int]] = defaultdict(list)  # element -> reads containing it
@@ -218,7 +227,18 @@ def _check_key(
         if add.is_ok and not later:
             acc.never_read.append(SetAnomaly("never-read", key, elem, add))
             continue
-        stale = [i for i in later if i not in finals and e not in contents[i]]
+        if stale_after_ack:
+            acked = add.complete_pos if add.is_ok else None
+            stale = [
+                i
+                for i, r in enumerate(key_reads)
+                if acked is not None
+                and r.invoke_pos > acked
+                and i not in finals
+                and e not in contents[i]
+            ]
+        else:
+            stale = [i for i in later if i not in finals and e not in contents[i]]
         if stale:
             acc.stale.append(SetAnomaly("stale", key, elem, add, read_ops(stale)))
         if add.is_ok:
@@ -231,6 +251,7 @@ def check_set(
     add_f: str = "add",
     read_f: str = "read",
     allow_stale: bool = True,
+    stale_after_ack: bool = False,
 ) -> SetResult:
     """Check a set workload history (see the module docstring for the definitions).
 
@@ -255,7 +276,7 @@ def check_set(
     acc = _Acc()
     keys = sorted(set(adds) | set(reads), key=lambda k: (k is not None, k or ""))
     for key in keys:
-        _check_key(key, adds.get(key, {}), reads.get(key, []), acc)
+        _check_key(key, adds.get(key, {}), reads.get(key, []), acc, stale_after_ack)
 
     all_adds = [p for a in adds.values() for p in a.values()]
     valid: Validity

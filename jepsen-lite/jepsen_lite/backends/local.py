@@ -1,0 +1,161 @@
+"""The ``local`` backend: node processes on 127.0.0.1, faults injected in-process.
+
+Nodes are started by :mod:`kvcluster.cli.dev` (the launcher shared with ``kvctl dev``
+and the integration tests) in ``<workdir>/cluster.json``; kill / pause / resume /
+restart act on the PIDs recorded there. Partitions, loss, latency and clock offset
+go through each node's ``Admin.SetFaults`` RPC (:mod:`kvcluster.net.faults`), so no
+root is needed.
+
+Ports: only 7500-7599 (other test suites use other ranges). A run takes N
+consecutive free ports and holds a lock file for each while it runs, so several
+runs on one machine never collide; the Prometheus endpoints are turned off (they
+would take port + 1000).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from jepsen_lite.backends.base import Backend, NodeFaults, set_inprocess_faults, settings_env
+from jepsen_lite.errors import HarnessError
+from kvcluster.cli import dev
+
+__all__ = ["LocalBackend"]
+
+PORT_MIN, PORT_MAX = 7500, 7599
+LOCK_DIR = Path(os.environ.get("JEPSEN_LITE_LOCK_DIR", "/tmp/jepsen-lite-ports"))
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self._locks: list[IO[str]] = []
+        self._cluster: dev.DevCluster | None = None
+        self._started = False
+
+    # -- ports ---------------------------------------------------------------------
+
+    def _reserve_ports(self, count: int) -> int:
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        for base in range(PORT_MIN, PORT_MAX - count + 2):
+            held: list[IO[str]] = []
+            for port in range(base, base + count):
+                fh: IO[str] = open(LOCK_DIR / f"{port}.lock", "w")  # noqa: SIM115
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    fh.close()
+                    break
+                if not _port_free(port):
+                    fh.close()
+                    break
+                held.append(fh)
+            if len(held) == count:
+                self._locks = held
+                return base
+            for fh in held:
+                fh.close()
+        raise HarnessError(f"no {count} consecutive free ports in {PORT_MIN}-{PORT_MAX}")
+
+    def _release_ports(self) -> None:
+        for fh in self._locks:
+            with contextlib.suppress(OSError):
+                fh.close()
+        self._locks = []
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def _start_cluster(self, nodes: int, settings: Mapping[str, Any]) -> list[str]:
+        base = self._reserve_ports(nodes)
+        opts = dict(settings)
+        n_val = opts.pop("n_val", None)
+        r = opts.pop("r", None)
+        w = opts.pop("w", None)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._started = True
+        try:
+            self._cluster = dev.up(
+                self.workdir,
+                nodes=nodes,
+                base_port=base,
+                n_val=None if n_val is None else int(n_val),
+                r=None if r is None else int(r),
+                w=None if w is None else int(w),
+                settings={"metrics_listen": "off"},
+                env=settings_env(opts),
+                timeout=60.0,
+            )
+        except dev.DevError as exc:
+            self._release_ports()
+            raise HarnessError(f"local cluster did not start: {exc}") from None
+        return [n.id for n in self._cluster.nodes]
+
+    def _dev(self) -> dev.DevCluster:
+        if self._cluster is None:
+            raise HarnessError("the local cluster is not running")
+        return self._cluster
+
+    def address(self, node: str) -> str:
+        return self._dev().node(node).address
+
+    def _kill_node(self, node: str) -> None:
+        try:
+            dev.kill(self.workdir, node)
+        except dev.DevError as exc:
+            raise HarnessError(str(exc)) from None
+
+    def _start_node(self, node: str) -> None:
+        try:
+            dev.restart(self.workdir, node, wait=True, timeout=60.0)
+        except dev.DevError as exc:
+            raise HarnessError(str(exc)) from None
+
+    def _pause_node(self, node: str) -> None:
+        try:
+            dev.pause(self.workdir, node)
+        except dev.DevError as exc:
+            raise HarnessError(str(exc)) from None
+
+    def _resume_node(self, node: str) -> None:
+        try:
+            dev.resume(self.workdir, node)
+        except dev.DevError as exc:
+            raise HarnessError(str(exc)) from None
+
+    def _apply_faults(self, node: str, faults: NodeFaults) -> None:
+        set_inprocess_faults(
+            self.address(node),
+            blocked=faults.blocked,
+            loss=faults.loss,
+            delay_ms=faults.delay_ms,
+            clock_offset_ms=faults.clock_offset_ms,
+        )
+
+    def _stop_cluster(self) -> None:
+        if self._started and (self.workdir / dev.STATE_FILE).exists():
+            with contextlib.suppress(dev.DevError):
+                dev.down(self.workdir, timeout=10.0)
+        self._release_ports()
+
+    def logs(self) -> dict[str, Path]:
+        if self._cluster is None:
+            return {}
+        return {n.id: Path(n.log) for n in self._cluster.nodes}

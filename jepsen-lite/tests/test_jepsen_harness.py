@@ -1,0 +1,404 @@
+"""The harness without a cluster: nemesis schedules and shapes, the backend's fault
+bookkeeping (on a fake backend), error classification, the multi-value register
+model and the strict-quorum staleness rule of the set checker."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jepsen_lite.backends.base import Backend, NodeFaults, blocked_from_groups, settings_env
+from jepsen_lite.checkers.linearizable import check_linearizable
+from jepsen_lite.checkers.mv_register import MultiValueRegisterModel
+from jepsen_lite.checkers.set_checker import check_set
+from jepsen_lite.errors import HarnessError
+from jepsen_lite.history import HistoryRecorder
+from jepsen_lite.nemesis import (
+    NEMESES,
+    EventLog,
+    fault_windows,
+    make_schedule,
+    parse_nemeses,
+    partition_shape,
+)
+from jepsen_lite.runner import exit_code, op_counts
+from jepsen_lite.workloads.base import SafeRetryPolicy, classify
+
+from kvcluster import errors
+from kvcluster.client.policies import Decision, NodeFailure
+
+IDS3 = ["n1", "n2", "n3"]
+IDS5 = ["n1", "n2", "n3", "n4", "n5"]
+
+# ----------------------------------------------------------------------------- nemesis
+
+
+def test_schedule_is_deterministic_in_the_seed_and_fits_the_time_limit() -> None:
+    a = make_schedule(list(NEMESES), IDS3, 60, seed=7)
+    b = make_schedule(list(NEMESES), IDS3, 60, seed=7)
+    c = make_schedule(list(NEMESES), IDS3, 60, seed=8)
+    assert [f.to_dict() for f in a] == [f.to_dict() for f in b]
+    assert [f.to_dict() for f in a] != [f.to_dict() for f in c]
+    assert len(a) >= 4
+    for prev, f in itertools.pairwise(a):
+        assert prev.end <= f.start  # one fault at a time
+    assert all(f.start > 0 and f.end <= 59.0 + 1e-6 for f in a)
+    assert {f.kind for f in a} <= set(NEMESES)
+    assert make_schedule([], IDS3, 60, 1) == []
+
+
+def test_every_enabled_nemesis_appears_in_a_long_schedule() -> None:
+    faults = make_schedule(list(NEMESES), IDS5, 600, seed=1)
+    assert {f.kind for f in faults} == set(NEMESES)
+    for f in faults:
+        if f.kind in ("kill", "pause"):
+            assert 1 <= len(f.nodes) <= 2  # a minority of 5
+        if f.kind == "loss":
+            assert 0.1 <= f.params["probability"] <= 0.4
+        if f.kind == "clock":
+            assert set(f.params["offsets_ms"]) == set(IDS5)
+
+
+def _connected(blocked: Mapping[str, list[str]], a: str, b: str) -> bool:
+    return b not in blocked[a]
+
+
+@pytest.mark.parametrize("ids", [IDS3, IDS5])
+@pytest.mark.parametrize("shape", ["isolate", "halves", "bridge", "ring"])
+def test_partition_shapes(ids: list[str], shape: str) -> None:
+    import random
+
+    if shape == "ring" and len(ids) < 5:
+        return
+    blocked = partition_shape(shape, ids, random.Random(3))
+    for a in ids:
+        assert a not in blocked[a]
+        for b in blocked[a]:
+            assert a in blocked[b]  # symmetric
+    assert any(blocked.values())  # something is cut
+    majority = len(ids) // 2 + 1
+    degrees = {a: len(ids) - len(blocked[a]) for a in ids}  # including itself
+    if shape == "isolate":
+        assert sorted(degrees.values()) == [1] + [len(ids) - 1] * (len(ids) - 1)
+    if shape == "halves":
+        assert sorted(set(degrees.values())) == sorted({len(ids) // 2, len(ids) - len(ids) // 2})
+    if shape == "ring":
+        assert all(d >= majority for d in degrees.values())
+        assert len({frozenset(blocked[a]) for a in ids}) == len(ids)  # no two alike
+    if shape == "bridge":
+        bridge = [a for a in ids if not blocked[a]]
+        assert len(bridge) == 1
+        others = [a for a in ids if a not in bridge]
+        assert any(not _connected(blocked, a, b) for a in others for b in others if a != b)
+
+
+def test_parse_nemeses() -> None:
+    assert parse_nemeses("partition, kill") == ["partition", "kill"]
+    assert parse_nemeses("none") == [] and parse_nemeses("") == []
+    assert parse_nemeses("all") == list(NEMESES)
+    with pytest.raises(ValueError, match="unknown nemesis bogus"):
+        parse_nemeses("kill,bogus")
+
+
+def test_fault_windows_pair_start_and_end(tmp_path: Path) -> None:
+    ticks = itertools.count(0, 100)
+    log = EventLog(tmp_path / "n.jsonl", lambda: next(ticks))
+    log.phase("workload")
+    log.emit("start", fault=0, kind="kill", nodes=["n1"], blocked={}, shape="x")
+    log.emit("end", fault=0, kind="kill", nodes=["n1"])
+    log.emit("start", fault=1, kind="pause", nodes=["n2"])
+    log.close()
+    windows = fault_windows(log.events, end_time=1000)
+    assert windows == [
+        {
+            "id": 0,
+            "kind": "kill",
+            "nodes": ["n1"],
+            "start": 100,
+            "end": 200,
+            "detail": {"shape": "x"},
+        },
+        {"id": 1, "kind": "pause", "nodes": ["n2"], "start": 300, "end": 1000, "detail": {}},
+    ]
+    assert len((tmp_path / "n.jsonl").read_text().splitlines()) == 4
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+class FakeBackend(Backend):
+    """Records the hook calls; no processes."""
+
+    name = "fake"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.calls: list[tuple[Any, ...]] = []
+        self.installed: dict[str, NodeFaults] = {}
+
+    def _start_cluster(self, nodes: int, settings: Mapping[str, Any]) -> list[str]:
+        return [f"n{i}" for i in range(1, nodes + 1)]
+
+    def address(self, node: str) -> str:
+        return f"127.0.0.1:{7500 + int(node[1:])}"
+
+    def _kill_node(self, node: str) -> None:
+        self.calls.append(("kill", node))
+
+    def _start_node(self, node: str) -> None:
+        self.calls.append(("start", node))
+        self.installed.pop(node, None)  # a restart forgets in-process faults
+
+    def _pause_node(self, node: str) -> None:
+        self.calls.append(("pause", node))
+
+    def _resume_node(self, node: str) -> None:
+        self.calls.append(("resume", node))
+
+    def _apply_faults(self, node: str, faults: NodeFaults) -> None:
+        self.calls.append(("faults", node, faults))
+        self.installed[node] = faults
+
+    def _stop_cluster(self) -> None:
+        self.calls.append(("stop",))
+
+    def logs(self) -> dict[str, Path]:
+        return {}
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeBackend:
+    b = FakeBackend(tmp_path)
+    b.start(3, {})
+    return b
+
+
+def test_partition_is_made_symmetric_and_healed(fake: FakeBackend) -> None:
+    fake.set_partition({"n1": ["n2"]})
+    assert fake.installed["n1"].blocked == {"n2"}
+    assert fake.installed["n2"].blocked == {"n1"}
+    assert "n3" not in fake.installed  # untouched node: no call at all
+    fake.partition([["n1"]])
+    assert fake.installed["n1"].blocked == {"n2", "n3"}
+    assert fake.installed["n3"].blocked == {"n1"}
+    fake.heal_partition()
+    assert all(f.healthy for f in fake.installed.values())
+
+
+def test_faults_on_a_paused_or_killed_node_wait_until_it_runs(fake: FakeBackend) -> None:
+    fake.pause("n2")
+    fake.set_latency("n2", 10, 20)
+    fake.set_clock_offset("n2", 5000)
+    assert "n2" not in fake.installed  # a paused node cannot take an RPC
+    fake.resume("n2")
+    assert fake.installed["n2"] == NodeFaults(delay_ms=(10, 20), clock_offset_ms=5000)
+    fake.kill("n2")
+    assert fake.state("n2") == "killed"
+    fake.start_node("n2")
+    # the restart forgot the in-process faults; the backend put them back
+    assert fake.installed["n2"] == NodeFaults(delay_ms=(10, 20), clock_offset_ms=5000)
+
+
+def test_heal_undoes_everything(fake: FakeBackend) -> None:
+    fake.pause("n1")
+    fake.kill("n3")
+    fake.set_loss("n2", 0.3)
+    fake.partition([["n2"]])
+    done = fake.heal()
+    assert "resumed n1" in done and "started n3" in done
+    assert all(fake.state(n) == "running" for n in fake.node_ids)
+    assert all(fake.faults(n).healthy for n in fake.node_ids)
+    assert all(fake.installed[n].healthy for n in fake.node_ids)
+
+
+def test_backend_rejects_bad_fault_arguments(fake: FakeBackend) -> None:
+    with pytest.raises(HarnessError, match="unknown node"):
+        fake.kill("n9")
+    with pytest.raises(HarnessError, match="loss"):
+        fake.set_loss("n1", 1.5)
+    with pytest.raises(HarnessError, match="latency"):
+        fake.set_latency("n1", 20, 10)
+    with pytest.raises(HarnessError, match="overlap"):
+        fake.partition([["n1", "n2"], ["n2"]])
+
+
+def test_blocked_from_groups_and_settings_env() -> None:
+    assert blocked_from_groups([["n1"], ["n2"]], IDS3) == {
+        "n1": {"n2", "n3"},
+        "n2": {"n1", "n3"},
+        "n3": {"n1", "n2"},
+    }
+    env = settings_env({"unsafe_lww": True, "aae_interval": 15.0, "seeds": ["a", "b"]})
+    assert env == {
+        "KVCLUSTER_AAE_INTERVAL": "15.0",
+        "KVCLUSTER_SEEDS": "a,b",
+        "KVCLUSTER_UNSAFE_LWW": "true",
+    }
+
+
+# ----------------------------------------------------------------------------- outcomes
+
+
+def test_classify_outcomes() -> None:
+    assert classify(errors.Unavailable(2, 1), write=True) == "fail"
+    assert classify(errors.Overloaded(), write=True) == "fail"
+    assert classify(errors.Timeout(2, 1), write=True) == "info"
+    assert classify(errors.Unreachable(["a"]), write=True) == "info"  # may have been sent
+    assert classify(errors.Internal("boom"), write=True) == "info"
+    assert classify(errors.Timeout(2, 1), write=False) == "info"  # a timeout is never fail
+    assert classify(errors.Internal("boom"), write=False) == "fail"  # reads change nothing
+
+
+def test_safe_retry_policy_never_retries_a_write_that_may_have_been_sent() -> None:
+    p = SafeRetryPolicy()
+    refused = NodeFailure("a", "unreachable (failed to connect to all addresses)", sent=False)
+    reset = NodeFailure("a", "unreachable (Socket closed)", sent=False)
+    late = NodeFailure("a", "no answer before the deadline", sent=True)
+    assert p.decide("put", refused, 1) is Decision.RETRY_NEXT
+    assert p.decide("put", reset, 1) is Decision.RAISE
+    assert p.decide("put", late, 1) is Decision.RAISE
+    assert p.decide("get", reset, 1) is Decision.RETRY_NEXT
+    assert p.decide("get", late, 1) is Decision.RETRY_NEXT
+    assert p.decide("get", late, 3) is Decision.RAISE
+    assert p.decide("put", errors.NotReady("no ring"), 1) is Decision.RETRY_NEXT
+    assert p.decide("put", errors.Unavailable(2, 1), 1) is Decision.RAISE
+
+
+def test_exit_codes_and_op_counts(rec: HistoryRecorder) -> None:
+    assert (exit_code(True), exit_code(False), exit_code("unknown")) == (0, 1, 2)
+    rec.invoke(0, "add", "k", 1)
+    rec.ok(0, 1)
+    rec.invoke(1, "add", "k", 2)
+    rec.info(1, 2)
+    rec.invoke(2, "read", "k")
+    assert op_counts(rec.history) == {
+        "add": {"invoke": 2, "ok": 1, "fail": 0, "info": 1},
+        "read": {"invoke": 1, "ok": 0, "fail": 0, "info": 1},
+    }
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_multi_value_register_model_accepts_siblings_and_contexts(rec: HistoryRecorder) -> None:
+    rec.invoke(0, "read", "k")
+    rec.ok(0, [])
+    rec.invoke(0, "write", "k", 1, {"seen": []})
+    rec.ok(0, 1)
+    rec.invoke(1, "write", "k", 2)  # blind: a sibling
+    rec.ok(1, 2)
+    rec.invoke(2, "read", "k")
+    rec.ok(2, [2, 1])
+    rec.invoke(0, "write", "k", 3, {"seen": [1, 2]})
+    rec.ok(0, 3)
+    rec.invoke(2, "read", "k")
+    rec.ok(2, [3])
+    assert check_linearizable(rec.history, MultiValueRegisterModel()).valid is True
+
+
+def test_multi_value_register_model_rejects_a_stale_read(rec: HistoryRecorder) -> None:
+    rec.invoke(0, "write", "k", 1)
+    rec.ok(0, 1)
+    rec.invoke(0, "write", "k", 2, {"seen": [1]})
+    rec.ok(0, 2)
+    rec.invoke(1, "read", "k")
+    rec.ok(1, [1])  # the write of 2 replaced 1 before this read began
+    result = check_linearizable(rec.history, MultiValueRegisterModel())
+    assert result.valid is False
+    cex = result.invalid_keys[0].counterexample
+    assert cex is not None and cex.state == [2]  # rendered as JSON
+
+
+def test_multi_value_register_model_pending_write_may_land_late(rec: HistoryRecorder) -> None:
+    rec.invoke(0, "write", "k", 1)
+    rec.info(0, 1)  # unknown outcome
+    rec.invoke(1, "read", "k")
+    rec.ok(1, [])
+    rec.invoke(1, "read", "k")
+    rec.ok(1, [1])  # it landed after all
+    assert check_linearizable(rec.history, MultiValueRegisterModel()).valid is True
+
+
+def test_set_checker_stale_after_ack_only_judges_acknowledged_adds(
+    rec: HistoryRecorder,
+) -> None:
+    rec.invoke(0, "add", "s", 1)
+    rec.ok(0, 1)
+    rec.invoke(1, "add", "s", 2)
+    rec.info(1, 2)  # in flight, partially applied
+    rec.invoke(2, "read", "s")
+    rec.ok(2, [1, 2])
+    rec.invoke(2, "read", "s")
+    rec.ok(2, [1])  # missing 2: fine, its add was never acknowledged
+    rec.invoke(3, "read", "s", None, {"final": True})
+    rec.ok(3, [1, 2])
+    strict = check_set(rec.history, allow_stale=False, stale_after_ack=True)
+    assert strict.valid is True and strict.stale == []
+    loose = check_set(rec.history, allow_stale=False)
+    assert loose.valid is False and [a.element for a in loose.stale] == [2]
+
+
+def test_set_checker_stale_after_ack_reports_a_missed_acknowledged_add(
+    rec: HistoryRecorder,
+) -> None:
+    rec.invoke(0, "add", "s", 1)
+    rec.ok(0, 1)
+    rec.invoke(1, "read", "s")
+    rec.ok(1, [])  # began after the ack: must see 1 under strict quorums
+    rec.invoke(1, "read", "s", None, {"final": True})
+    rec.ok(1, [1])
+    result = check_set(rec.history, allow_stale=False, stale_after_ack=True)
+    assert result.valid is False and [a.element for a in result.stale] == [1]
+    assert result.lost == []
+
+
+# ----------------------------------------------------------------------------- cli
+
+
+def test_netns_without_root_is_a_harness_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jepsen_lite import cli
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    out = tmp_path / "run"
+    code = cli.main(["run", "--backend", "netns", "--time-limit", "1", "--out", str(out)])
+    assert code == 2
+    assert "needs root" in capsys.readouterr().err
+    assert not out.exists()  # nothing was started or written
+
+
+def test_netns_without_iptables_is_a_harness_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jepsen_lite.backends import netns
+
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("shutil.which", lambda tool: None if tool == "iptables" else "/x")
+    with pytest.raises(HarnessError, match="needs 'iptables'"):
+        netns.preflight()
+
+
+def test_cli_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jepsen_lite import cli
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert cli.main(["run", "--out", str(tmp_path / "full"), "--time-limit", "1"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli.main(["run", "--nemesis", "kill,meteor", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown nemesis meteor" in capsys.readouterr().err
+    assert cli.main(["run", "--unsafe", "yolo", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown --unsafe" in capsys.readouterr().err
+    assert cli.main(["check", str(tmp_path / "nothing-here")]) == 2
+    assert "not a jepsen-lite run directory" in capsys.readouterr().err
+
+
+def test_nothing_is_started_after_stop(fake: FakeBackend) -> None:
+    fake.kill("n1")
+    fake.stop()
+    with pytest.raises(HarnessError, match="stopped"):
+        fake.start_node("n1")
+    assert ("start", "n1") not in fake.calls
+    fake.stop()  # idempotent
