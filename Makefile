@@ -12,7 +12,7 @@ PROTOC  = $(BIN)/python -m grpc_tools.protoc -Iproto \
 	--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
 DEV_DIR ?= .kvcluster/dev
 
-.PHONY: run stop test test-fast lint typecheck proto check-proto bench clean venv
+.PHONY: run stop test test-fast lint typecheck proto check-proto bench bench-load clean venv
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,8 +58,13 @@ check-proto: $(STAMP)
 	  { echo "generated protobuf code is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp
 
+## bench: kvcluster vs etcd side by side (YCSB A/B/C/F + batches, 3 runs, medians; ~10 min)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/load.py --help
+	$(BIN)/python -m benchmarks.ycsb --vs etcd --repeat 3 --out .bench/latest
+
+## bench-load: put/get ops/s and p50/p99/p999 at concurrency 1, 16, 64
+bench-load: $(STAMP)
+	$(BIN)/python -m benchmarks.load --concurrency 1,16,64 --repeat 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
