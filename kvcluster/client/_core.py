@@ -6,7 +6,7 @@ Nothing here performs I/O, so both clients are thin loops around it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ import grpc
 from kvcluster import errors
 from kvcluster.client.policies import LoadBalancingPolicy, NodeFailure, NodeHealth
 from kvcluster.core.hashing import partition_of
+from kvcluster.net.grpc_transport import never_connected
 from kvcluster.node.settings import MAX_KEY_BYTES
 from kvcluster.wire.v1 import admin_pb2, kv_pb2
 
@@ -174,6 +175,14 @@ def item_error(err: kv_pb2.ItemError) -> errors.KVError:
     return errors.from_wire(err.kind, err.message, details)
 
 
+def _metadatum(item: Any) -> tuple[Any, Any]:
+    """(key, value) of one metadata item: sync grpc gives objects with .key and
+    .value, grpc.aio plain (key, value) tuples."""
+    if hasattr(item, "key"):
+        return item.key, item.value
+    return item[0], item[1]
+
+
 def translate(exc: grpc.RpcError, address: str) -> Exception:
     """A gRPC failure as a KVError (the server said why) or a NodeFailure."""
     try:
@@ -181,9 +190,10 @@ def translate(exc: grpc.RpcError, address: str) -> Exception:
     except Exception:
         metadata = ()
     for item in metadata:
-        if item.key == ERROR_KEY:
+        key, value = _metadatum(item)
+        if key == ERROR_KEY:
             try:
-                obj = json.loads(item.value)
+                obj = json.loads(value)
                 kind, message = str(obj.pop("kind")), str(obj.pop("message"))
             except (ValueError, KeyError, TypeError, AttributeError):
                 break
@@ -191,7 +201,10 @@ def translate(exc: grpc.RpcError, address: str) -> Exception:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return NodeFailure(address, f"unreachable ({details})", sent=False)
+        # Only a connection that never formed proves the request was not applied;
+        # a reset mid-call (a node killed while it worked) may follow the write.
+        sent = not never_connected(details or "")
+        return NodeFailure(address, f"unreachable ({details})", sent=sent)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return NodeFailure(address, "no answer before the deadline", sent=True)
     if code == grpc.StatusCode.CANCELLED:
@@ -221,8 +234,13 @@ class RingView:
     addresses: tuple[str, ...]  # every member
 
     @staticmethod
-    def from_response(resp: admin_pb2.RingResponse) -> RingView:
-        where = {m.id: m.address for m in resp.members}
+    def from_response(
+        resp: admin_pb2.RingResponse, aliases: Mapping[str, str] | None = None
+    ) -> RingView:
+        """The ring as this client reaches it: ``aliases`` maps advertised
+        addresses to the addresses the client must use instead (see Router)."""
+        aliases = aliases or {}
+        where = {m.id: aliases.get(m.address, m.address) for m in resp.members}
         owners = tuple(tuple(where[o] for o in p.owners if o in where) for p in resp.owners)
         return RingView(resp.epoch, resp.partitions, owners, tuple(sorted(where.values())))
 
@@ -243,6 +261,26 @@ class Router:
         self.health = health
         self.ring: RingView | None = None
         self.ring_fetched_at = float("-inf")
+        #: advertised address -> the seed address the same node answered on.
+        #: Behind NAT or published container ports the addresses in the ring
+        #: (what nodes use among themselves) may not be reachable from here;
+        #: the seeds are, so members that are seeds are reached through them
+        #: (Cassandra drivers' AddressTranslator, learned instead of configured).
+        self.aliases: dict[str, str] = {}
+
+    def seeds_to_identify(self, resp: admin_pb2.RingResponse) -> list[str]:
+        """Seeds that are no member's advertised address and not yet identified.
+
+        The caller asks each for its advertised address (Admin.Status) and
+        calls :meth:`learn_alias`; on a cluster reached at its advertised
+        addresses this list is empty and nothing is asked."""
+        advertised = {m.address for m in resp.members}
+        known = set(self.aliases.values())
+        return [s for s in self.seeds if s not in advertised and s not in known]
+
+    def learn_alias(self, advertised: str, seed: str) -> None:
+        if advertised and advertised != seed:
+            self.aliases.setdefault(advertised, seed)
 
     def nodes(self) -> tuple[str, ...]:
         if self.ring is None:

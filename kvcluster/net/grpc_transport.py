@@ -62,15 +62,22 @@ class GrpcTransport:
     async def call(self, dst: NodeId, msg: Any, timeout: float) -> Any:
         stub = self._stubs.get(dst)
         if stub is None:
-            raise TransportError(dst, "unknown node")
+            raise TransportError(dst, "unknown node", sent=False)
         frame = internal_pb2.Frame(payload=codec.encode(msg))
         try:
-            reply = await stub.Call(frame, timeout=timeout, metadata=self._metadata)
+            # wait_for_ready: a channel to a peer that just (re)started may still be in
+            # reconnect backoff; wait for it (within the deadline) instead of failing
+            # at once, which made a fresh cluster fail w=all writes and r=all reads
+            reply = await stub.Call(
+                frame, timeout=timeout, metadata=self._metadata, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TransportError(dst, f"no reply within {timeout:.3g}s") from None
-            raise TransportError(dst, f"{code.name}: {exc.details()}") from None
+            details = exc.details() or ""
+            sent = not (code == grpc.StatusCode.UNAVAILABLE and never_connected(details))
+            raise TransportError(dst, f"{code.name}: {details}", sent=sent) from None
         if reply.error_json:
             raise _error_from_json(reply.error_json)
         return codec.decode(reply.payload)
@@ -117,6 +124,24 @@ class InternalService(internal_pb2_grpc.InternalServicer):
             log.exception("internal handler failed for a message from %s", src or "?")
             err = errors.Internal(f"{type(exc).__name__}: {exc}")
             return internal_pb2.Frame(error_json=_error_to_json(err))
+
+
+_CONNECT_FAILURES = (
+    "failed to connect",
+    "connection refused",
+    "dns resolution failed",
+    "connections to all backends failing",
+)
+
+
+def never_connected(details: str) -> bool:
+    """Whether a gRPC UNAVAILABLE means the request never left (no connection).
+
+    Other UNAVAILABLE errors (a connection reset or closed mid-call, a server
+    shutting down) may come after the request was delivered and acted on.
+    """
+    text = details.lower()
+    return any(marker in text for marker in _CONNECT_FAILURES)
 
 
 def _error_to_json(err: errors.KVError) -> bytes:

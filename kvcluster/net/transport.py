@@ -22,12 +22,18 @@ Handler = Callable[[NodeId, Any], Awaitable[Any]]
 
 
 class TransportError(Exception):
-    """The message could not be delivered or no reply came in time."""
+    """The message could not be delivered or no reply came in time.
 
-    def __init__(self, dst: NodeId, reason: str) -> None:
+    ``sent`` is False only when the message certainly never reached ``dst``
+    (unknown node, connection refused); otherwise the receiver may have acted
+    on it, which matters for a message that is not idempotent.
+    """
+
+    def __init__(self, dst: NodeId, reason: str, sent: bool = True) -> None:
         super().__init__(f"{dst}: {reason}")
         self.dst = dst
         self.reason = reason
+        self.sent = sent
 
 
 class Transport(Protocol):

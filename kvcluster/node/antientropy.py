@@ -60,6 +60,7 @@ class ExchangeResult:
     keys_compared: int = 0  # keys listed in the differing segments (both sides)
     keys_exchanged: int = 0  # records sent or received
     keys_repaired: int = 0  # records that changed on either side
+    local_repaired: int = 0  # of those, records that changed on this node
     bytes_exchanged: int = 0  # hashes, key lists and records, both directions
     tombstones_purged: int = 0
 
@@ -67,6 +68,7 @@ class ExchangeResult:
         self.keys_compared += other.keys_compared
         self.keys_exchanged += other.keys_exchanged
         self.keys_repaired += other.keys_repaired
+        self.local_repaired += other.local_repaired
         self.bytes_exchanged += other.bytes_exchanged
         self.tombstones_purged += other.tombstones_purged
 
@@ -149,7 +151,7 @@ class AntiEntropy:
         yield self._snapshot(progress, started)
         for p in parts:
             try:
-                result = await self.repair_partition(ring, p, pause=0.0)
+                result = await self.repair_partition(ring, p, pause=0.0, any_owner=True)
             except (TransportError, errors.KVError) as exc:
                 progress.errors.append(f"partition {p}: {exc}")
                 result = ExchangeResult()
@@ -162,19 +164,32 @@ class AntiEntropy:
         progress.done = True
         yield self._snapshot(progress, started)
 
-    async def repair_partition(self, ring: Ring, partition: int, pause: float) -> ExchangeResult:
+    async def repair_partition(
+        self, ring: Ring, partition: int, pause: float, any_owner: bool = False
+    ) -> ExchangeResult:
         """Exchange ``partition`` with each other owner that is up; then collect
-        tombstones. Raises TransportError if an owner is down (repair incomplete)."""
+        tombstones (see :meth:`collect_tombstones` for ``any_owner``). Raises
+        TransportError if an owner is down (repair incomplete).
+
+        Peers are exchanged with one after another; when a later peer's
+        exchange changed this node's copy, the earlier peers are exchanged with
+        again, so that one run leaves every owner that is up identical.
+        """
         total = ExchangeResult()
         peers = [n for n in ring.owners_of(partition) if n != self.node_id]
         down = [n for n in peers if not self.membership.is_up(n)]
-        for peer in peers:
-            if peer in down:
-                continue
+        live = [n for n in peers if n not in down]
+        last_changed = -1  # index of the last peer whose exchange changed our copy
+        for i, peer in enumerate(live):
+            result = await self.exchange(partition, peer, pause)
+            total.add(result)
+            if result.local_repaired:
+                last_changed = i
+        for peer in live[: max(0, last_changed)]:
             total.add(await self.exchange(partition, peer, pause))
         if down:
             raise TransportError(down[0], f"owner of partition {partition} is down")
-        total.tombstones_purged += await self.collect_tombstones(ring, partition)
+        total.tombstones_purged += await self.collect_tombstones(ring, partition, any_owner)
         self._last[partition] = self.clock.wall_ms() / 1000.0
         self.totals.add(total)
         return total
@@ -240,7 +255,8 @@ class AntiEntropy:
                 to_peer.append(m.WriteItem(pkey, merged, None))
         if to_local:
             failures = await self.replica.merge(to_local, self.clock.wall_ms())
-            result.keys_repaired += sum(f is None for f in failures)
+            result.local_repaired = sum(f is None for f in failures)
+            result.keys_repaired += result.local_repaired
         if to_peer:
             sent = await self.transport.call(peer, m.ReplicaWrite(tuple(to_peer)), timeout)
             if not isinstance(sent, m.ReplicaWriteReply):
@@ -281,15 +297,19 @@ class AntiEntropy:
 
     # -- tombstones ----------------------------------------------------------------------
 
-    async def collect_tombstones(self, ring: Ring, partition: int) -> int:
+    async def collect_tombstones(self, ring: Ring, partition: int, any_owner: bool = False) -> int:
         """Remove tombstones every owner holds identically, once past the grace period.
 
-        Only the partition's first owner that is up runs this, so owners do not
-        race each other; it needs every owner to answer.
+        In the background schedule only the partition's first owner that is up
+        runs this, so owners do not duplicate the work; an on-demand repair
+        (``any_owner``) collects on whichever owner runs it, or a repair run on
+        one node would leave the tombstones of most of its partitions behind.
+        Concurrent collectors are safe: each owner purges only a byte-identical
+        tombstone. It needs every owner to answer.
         """
         owners = ring.owners_of(partition)
         coordinator = next((n for n in owners if self.membership.is_up(n)), None)
-        if coordinator != self.node_id:
+        if not any_owner and coordinator != self.node_id:
             return 0
         cutoff = self.clock.wall_ms() - int(self.settings.tombstone_grace * 1000)
         candidates: list[tuple[bytes, bytes]] = []

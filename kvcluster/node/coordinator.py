@@ -239,6 +239,13 @@ class Coordinator:
                 place, key, value, deleted, context, required, strict, deadline
             )
 
+        if mine.hint_for and not self.replica.may_hint(mine.hint_for):
+            # Standing in for a down owner needs a hint to hand the write back;
+            # without one this copy would never reach an owner.
+            raise errors.Overloaded(
+                f"{self.node_id} holds too many hints for {mine.hint_for}: write refused",
+                "hints",
+            )
         now = self.clock.wall_ms()
         sibling = Sibling(now, deleted, b"" if deleted else value)
         hints = [mine.hint_for] if mine.hint_for else []
@@ -307,7 +314,13 @@ class Coordinator:
         strict: bool,
         deadline: float,
     ) -> WriteResult:
-        """Hand the write to a replica of the key (the client normally avoids this hop)."""
+        """Hand the write to a replica of the key (the client normally avoids this hop).
+
+        The next replica is tried only while the write certainly reached none:
+        after a failure that may have followed its application, trying again
+        could apply it twice (two siblings of one write), so the caller gets
+        a Timeout, i.e. "maybe applied".
+        """
         loop = asyncio.get_running_loop()
         failures: list[str] = []
         for target in place.targets:
@@ -319,6 +332,8 @@ class Coordinator:
                 reply = await self.transport.call(target.node, msg, remaining)
             except TransportError as exc:
                 failures.append(str(exc))
+                if exc.sent:
+                    break
                 continue
             if not isinstance(reply, PutReply):
                 raise errors.Internal(f"unexpected reply to ForwardPut from {target.node}")
