@@ -92,8 +92,13 @@ class DevCluster:
 # -- processes ------------------------------------------------------------------------
 
 
-def is_running(pid: int) -> bool:
-    """True if ``pid`` is a live (not zombie) kvcluster node process."""
+def is_running(pid: int, data_dir: str | None = None) -> bool:
+    """True if ``pid`` is a live (not zombie) kvcluster node process.
+
+    With ``data_dir``, only if it is the node of that data directory: a PID
+    recycled by another cluster's node (other tests, other users of the
+    machine) is not ours to signal.
+    """
     if pid <= 0:
         return False
     with contextlib.suppress(ChildProcessError, OSError):
@@ -105,11 +110,22 @@ def is_running(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    if not cmdline and state != "Z":
+        # A process that has just exec'd has no cmdline for a moment (so `restart`
+        # saw its own new node as "exited during start"); kernel threads have none
+        # either, but they also have no executable.
+        try:
+            os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return False
+        return True
+    if data_dir is not None and b"\0" + data_dir.encode() + b"\0" not in b"\0" + cmdline:
+        return False
     return state != "Z" and b"kvcluster" in cmdline
 
 
 def _signal(node: DevNode, sig: signal.Signals) -> bool:
-    if not is_running(node.pid):
+    if not is_running(node.pid, node.data_dir):
         return False
     try:
         os.kill(node.pid, sig)
@@ -118,13 +134,13 @@ def _signal(node: DevNode, sig: signal.Signals) -> bool:
     return True
 
 
-def _wait_exit(pid: int, timeout: float) -> bool:
+def _wait_exit(pid: int, timeout: float, data_dir: str | None = None) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not is_running(pid):
+        if not is_running(pid, data_dir):
             return True
         time.sleep(0.02)
-    return not is_running(pid)
+    return not is_running(pid, data_dir)
 
 
 def _spawn(node: DevNode) -> int:
@@ -161,10 +177,11 @@ def wait_ready(
     end = time.monotonic() + timeout
     while pending and time.monotonic() < end:
         for node in list(pending):
-            if not is_running(node.pid):
+            if not is_running(node.pid, node.data_dir):
                 raise DevError(f"node {node.id} exited during start:\n{tail(node.log)}")
             status = node_status(node.address, timeout=0.5)
-            if status is not None and status.ready:
+            # the node id guards against another process answering on that port
+            if status is not None and status.ready and status.node_id == node.id:
                 pending.remove(node)
         if pending:
             time.sleep(0.1)
@@ -206,14 +223,17 @@ def up(
     if not 1 <= nodes <= 64:
         raise DevError(f"--nodes must be 1..64, got {nodes}")
     directory = Path(directory)
+    # (the refusal is raised outside the suppress block: inside, it was swallowed,
+    # and a second `up` overwrote cluster.json and orphaned the running nodes)
+    running: list[str] = []
     with contextlib.suppress(DevError):
         existing = DevCluster.load(directory)
-        running = [n.id for n in existing.nodes if is_running(n.pid)]
-        if running:
-            raise DevError(
-                f"a cluster is already running in {directory} ({', '.join(running)}): "
-                f"'kvctl dev down --dir {directory}' first"
-            )
+        running = [n.id for n in existing.nodes if is_running(n.pid, n.data_dir)]
+    if running:
+        raise DevError(
+            f"a cluster is already running in {directory} ({', '.join(running)}): "
+            f"'kvctl dev down --dir {directory}' first"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     n = n_val if n_val is not None else min(3, nodes)
     quorum = n // 2 + 1
@@ -268,7 +288,7 @@ def status(directory: Path | str = DEFAULT_DIR) -> list[dict[str, Any]]:
     cluster = DevCluster.load(directory)
     out: list[dict[str, Any]] = []
     for node in cluster.nodes:
-        running = is_running(node.pid)
+        running = is_running(node.pid, node.data_dir)
         st = node_status(node.address, timeout=0.5) if running else None
         out.append(
             {
@@ -292,7 +312,7 @@ def kill(directory: Path | str, node_id: str, sig: signal.Signals = signal.SIGKI
     if not _signal(node, sig):
         raise DevError(f"node {node.id} is not running")
     if sig in (signal.SIGKILL, signal.SIGTERM):
-        _wait_exit(node.pid, 10.0)
+        _wait_exit(node.pid, 10.0, node.data_dir)
     return node
 
 
@@ -310,12 +330,12 @@ def restart(
     """Stop the node if it runs (SIGTERM, then SIGKILL), start it again, wait until ready."""
     cluster = DevCluster.load(directory)
     node = cluster.node(node_id)
-    if is_running(node.pid):
+    if is_running(node.pid, node.data_dir):
         _signal(node, signal.SIGCONT)
         _signal(node, signal.SIGTERM)
-        if not _wait_exit(node.pid, 10.0):
+        if not _wait_exit(node.pid, 10.0, node.data_dir):
             _signal(node, signal.SIGKILL)
-            _wait_exit(node.pid, 5.0)
+            _wait_exit(node.pid, 5.0, node.data_dir)
     node.pid = _spawn(node)
     cluster.save()
     if wait:
@@ -328,14 +348,14 @@ def down(directory: Path | str = DEFAULT_DIR, clean: bool = False, timeout: floa
 
     Returns the number of processes that were running."""
     cluster = DevCluster.load(directory)
-    running = [n for n in cluster.nodes if is_running(n.pid)]
+    running = [n for n in cluster.nodes if is_running(n.pid, n.data_dir)]
     for node in running:
         _signal(node, signal.SIGCONT)  # a paused node cannot act on SIGTERM
         _signal(node, signal.SIGTERM)
     for node in running:
-        if not _wait_exit(node.pid, timeout):
+        if not _wait_exit(node.pid, timeout, node.data_dir):
             _signal(node, signal.SIGKILL)
-            _wait_exit(node.pid, 5.0)
+            _wait_exit(node.pid, 5.0, node.data_dir)
     if clean:
         import shutil
 
@@ -395,7 +415,7 @@ def heal(directory: Path | str) -> int:
     cluster = DevCluster.load(directory)
     healed = 0
     for node in cluster.nodes:
-        if is_running(node.pid):
+        if is_running(node.pid, node.data_dir):
             set_faults(node.address)
             healed += 1
     return healed

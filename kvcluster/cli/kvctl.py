@@ -318,7 +318,7 @@ def cluster_ring(ctx: Ctx) -> None:
 
 
 @cluster.command("repair")
-@click.option("--partition", type=int, default=None, help="Only this partition.")
+@click.option("--partition", type=click.IntRange(min=0), default=None, help="Only this partition.")
 @click.option("--node", default=None, metavar="HOST:PORT", help="Node that runs the repair.")
 @pass_ctx
 def cluster_repair(ctx: Ctx, partition: int | None, node: str | None) -> None:

@@ -286,13 +286,26 @@ class Router:
         if self.ring is None:
             return self.seeds
         extra = tuple(a for a in self.seeds if a not in self.ring.addresses)
-        return self.ring.addresses + extra
+        return self.reachable_first(self.ring.addresses + extra)
+
+    def reachable_first(self, addresses: Sequence[str]) -> tuple[str, ...]:
+        """Behind NAT (some seed answered as another advertised address), the
+        addresses of members not identified through a seed are probably not
+        reachable from here (a seed that was down when asked): try them last.
+        Without NAT the order is kept."""
+        if not self.aliases:
+            return tuple(addresses)
+        vouched = set(self.seeds) | set(self.aliases.values())
+        return tuple(
+            [a for a in addresses if a in vouched] + [a for a in addresses if a not in vouched]
+        )
 
     def plan(self, key: bytes | None) -> list[str]:
         replicas: tuple[str, ...] = ()
         if key is not None and self.ring is not None:
             replicas = self.ring.replicas(key)
-        return self.health.order(self.policy.plan(replicas, self.nodes()))
+        plan = self.reachable_first(self.policy.plan(replicas, self.nodes()))
+        return self.health.order(plan)
 
 
 def parse_nodes(nodes: Sequence[str] | str) -> list[str]:

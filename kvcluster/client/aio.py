@@ -97,7 +97,19 @@ class AsyncClient:
                 if isinstance(core.translate(exc, address), NodeFailure):
                     router.health.failed(address)
                 continue
-            router.ring = core.RingView.from_response(resp)
+            seeds = router.seeds_to_identify(resp)
+            answers = await asyncio.gather(
+                *(
+                    self._admin(seed).Status(admin_pb2.StatusRequest(), timeout=1.0)
+                    for seed in seeds
+                ),
+                return_exceptions=True,
+            )
+            for seed, status in zip(seeds, answers, strict=True):
+                if isinstance(status, admin_pb2.StatusResponse):
+                    router.learn_alias(status.address, seed)
+                # an error: that seed is down now and is identified on a later refresh
+            router.ring = core.RingView.from_response(resp, router.aliases)
             break
         router.ring_fetched_at = asyncio.get_running_loop().time()
         self._ring_stale = False

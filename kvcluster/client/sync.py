@@ -120,7 +120,13 @@ class Client:
                 if isinstance(core.translate(exc, address), NodeFailure):
                     router.health.failed(address)
                 continue
-            router.ring = core.RingView.from_response(resp)
+            for seed in router.seeds_to_identify(resp):
+                try:
+                    status = self._admin(seed).Status(admin_pb2.StatusRequest(), timeout=1.0)
+                except grpc.RpcError:
+                    continue  # down now: identified on a later refresh
+                router.learn_alias(status.address, seed)
+            router.ring = core.RingView.from_response(resp, router.aliases)
             break
         router.ring_fetched_at = time.monotonic()
         self._ring_stale = False

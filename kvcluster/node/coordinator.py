@@ -143,7 +143,8 @@ class Coordinator:
     ) -> ReadResult:
         deadline = self._deadline(timeout)
         place = self.place(key, strict)
-        required = parse_quorum(r, place.ring.n, min(self.settings.r, place.ring.n), "r")
+        n = place.ring.replicas
+        required = parse_quorum(r, n, min(self.settings.r, n), "r")
         if len(place.targets) < required:
             raise errors.Unavailable(required, len(place.targets))
         calls = self._read_calls(place, deadline)
@@ -224,7 +225,8 @@ class Coordinator:
         self.check_value(value)
         vv = decode_context(context)
         place = self.place(key, strict)
-        required = parse_quorum(w, place.ring.n, min(self.settings.w, place.ring.n), "w")
+        n = place.ring.replicas
+        required = parse_quorum(w, n, min(self.settings.w, n), "w")
         if len(place.targets) < required:
             raise errors.Unavailable(required, len(place.targets))
         mine = next((t for t in place.targets if t.node == self.node_id), None)

@@ -158,7 +158,8 @@ class Membership:
         if node == self.node_id:
             return "self"
         status = self.detectors.status(node, self.clock.monotonic() * 1000)
-        return "down" if status is Liveness.UNKNOWN else status.name.lower()
+        # never heard of: routing presumes it up (see up_nodes), so say "unknown", not "down"
+        return status.name.lower()
 
     def phi_of(self, node: NodeId) -> float:
         if node == self.node_id:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,12 +86,18 @@ async def serve(config: cfg.Config, ready: asyncio.Event | None = None) -> None:
         ),
         server,
     )
+    # Not serving until a ring is agreed (the servicer's default would say SERVING).
+    for service in ("", "kvcluster.wire.v1.KV"):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    _check_free(config.listen, "listen")
     try:
         server.add_insecure_port(config.listen)
     except RuntimeError as exc:
         raise cfg.ConfigError("listen", f"cannot bind {config.listen}: {exc}") from None
-    await server.start()
+    # bind the metrics port before the gRPC server runs: if it is taken, the node
+    # stops with its one-line config error instead of a running server's teardown noise
     metrics_server = _start_metrics(config.metrics_listen, metrics)
+    await server.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -137,6 +144,26 @@ async def _track_health(node: Node, servicer: Any, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.2)
 
 
+def _check_free(address: str, field: str) -> None:
+    """Fail with a one-line ConfigError if ``address`` cannot be bound.
+
+    Checked before gRPC binds it, because gRPC's C core would first log its
+    own multi-line complaint about the port.
+    """
+    host, port = cfg.parse_address(address, field)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise cfg.ConfigError(field, f"cannot resolve {host}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            raise cfg.ConfigError(field, f"cannot bind {address}: {exc.strerror}") from None
+
+
 def _start_metrics(address: str | None, metrics: Metrics) -> Any:
     if address is None:
         return None
@@ -177,7 +204,10 @@ def _options(func: Any) -> Any:
     return func
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(
+    "kvcluster-node",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option(
     "--config",
     "config_file",
@@ -187,7 +217,7 @@ def _options(func: Any) -> Any:
     "[env KVCLUSTER_CONFIG].",
 )
 @_options
-def main(config_file: str | None, **flags: Any) -> None:
+def cli(config_file: str | None, **flags: Any) -> None:
     """Run one kvcluster node.
 
     Precedence: flags > KVCLUSTER_* environment > --config file > defaults.
@@ -218,6 +248,22 @@ def main(config_file: str | None, **flags: Any) -> None:
     except OSError as exc:
         click.echo(f"kvcluster-node: cannot use data_dir {Path(config.data_dir)}: {exc}", err=True)
         sys.exit(1)
+
+
+def main() -> None:
+    """Entry point: usage errors are one line on stderr with exit status 2."""
+    try:
+        cli.main(prog_name="kvcluster-node", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(
+            f"kvcluster-node: {exc.format_message()} (see 'kvcluster-node --help')", err=True
+        )
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"kvcluster-node: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
 
 
 if __name__ == "__main__":
