@@ -130,6 +130,7 @@ _CONNECT_FAILURES = (
     "failed to connect",
     "connection refused",
     "dns resolution failed",
+    "errors resolving",  # grpcio 1.85: "errors resolving host:port: [... lookup error ...]"
     "connections to all backends failing",
 )
 
