@@ -11,6 +11,10 @@ fallback) and no other hint names the key, its copy is removed too.
 Bounds: hints older than ``hint_max_age`` are dropped undelivered, and a
 target with ``hint_max_per_target`` hints gets no more (see
 ``LocalReplica``); anti-entropy repairs whatever a dropped hint would have.
+Anti-entropy only runs between owners, so both bounds apply to owners only:
+a fallback delivers its copy whatever its age (its copies may be the only
+ones of an acknowledged write), and a fallback that may not add a hint
+refuses the write instead of keeping a copy nobody would ever hand off.
 """
 
 from __future__ import annotations
@@ -115,13 +119,20 @@ class Handoff:
         prefix = target.encode() + b"\x00"
         max_age_ms = int(self.settings.hint_max_age * 1000)
         now = self.clock.wall_ms()
+        ring = self.ring()
         items: list[tuple[bytes, bytes | None, bytes]] = []
         with self.replica.storage.read() as view:
             for hkey, hval in view.scan(Table.HINTS, prefix=prefix):
                 created = int.from_bytes(hval, "big")
-                record = (
-                    None if now - created > max_age_ms else store.read_record(view, _pkey(hkey))
+                # Only an owner's hint may expire: anti-entropy still repairs from its
+                # copy. A fallback's copy is outside anti-entropy and may be the only
+                # one of an acknowledged write, so it is delivered whatever its age.
+                expired = (
+                    now - created > max_age_ms
+                    and ring is not None
+                    and _owns(ring, self.node_id, _pkey(hkey))
                 )
+                record = None if expired else store.read_record(view, _pkey(hkey))
                 items.append((hkey, record, hval))
                 if len(items) >= self.settings.handoff_batch:
                     break

@@ -33,6 +33,10 @@ from kvcluster.storage.base import Storage, Table
 
 log = logging.getLogger(__name__)
 
+#: How long a node remembers a forwarded write it coordinated, to recognise a
+#: repeated delivery of it (far longer than any message stays in flight).
+_FORWARD_MEMORY = 120.0
+
 
 @dataclass(frozen=True, slots=True)
 class MemberStatus:
@@ -88,6 +92,8 @@ class Node:
         self.metrics = metrics
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started_at = 0.0
+        # Forwarded writes recently coordinated, by (sender, request): see _forwarded_put.
+        self._forwarded: dict[tuple[NodeId, m.ForwardPut], asyncio.Future[m.PutReply]] = {}
         incarnation = self._incarnation()
         self.replica = LocalReplica(storage, incarnation, HintLimits(settings.hint_max_per_target))
         self.links = PeerLinks(transport, settings.replication_batch, settings.replication_queue)
@@ -172,6 +178,34 @@ class Node:
         if isinstance(msg, m.ReplicaRead):
             return m.ReplicaReadReply(tuple(self.replica.read_many(msg.pkeys)))
         if isinstance(msg, m.ForwardPut):
+            return await self._forwarded_put(src, msg)
+        reply = await self.membership.handle(src, msg)
+        if reply is not None:
+            return reply
+        reply = await self.antientropy.handle(src, msg)
+        if reply is not None:
+            return reply
+        raise errors.InvalidArgument(f"unexpected message {type(msg).__name__}")
+
+    async def _forwarded_put(self, src: NodeId, msg: m.ForwardPut) -> m.PutReply:
+        """Coordinate a forwarded write once, however often the request is delivered.
+
+        ForwardPut is the one node-to-node message that is not idempotent: each
+        application is a new dvvset event. Applied twice, it would leave a second
+        sibling with the same value that a later context (which saw only one)
+        cannot supersede, so the value would come back after being replaced. A
+        request is recognised by its sender and content (which includes the
+        sender's remaining timeout) for ``_FORWARD_MEMORY`` seconds after it
+        completed; a repeat gets the first one's outcome.
+        """
+        key = (src, msg)
+        first = self._forwarded.get(key)
+        if first is not None:
+            return await asyncio.shield(first)
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[m.PutReply] = loop.create_future()
+        self._forwarded[key] = outcome
+        try:
             result = await self.coordinator.put(
                 msg.key,
                 msg.value,
@@ -182,14 +216,18 @@ class Node:
                 deleted=msg.deleted,
                 forwarded=True,
             )
-            return m.PutReply(result.context, tuple(result.values))
-        reply = await self.membership.handle(src, msg)
-        if reply is not None:
+            reply = m.PutReply(result.context, tuple(result.values))
+            outcome.set_result(reply)
             return reply
-        reply = await self.antientropy.handle(src, msg)
-        if reply is not None:
-            return reply
-        raise errors.InvalidArgument(f"unexpected message {type(msg).__name__}")
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except Exception as exc:
+            outcome.set_exception(exc)
+            outcome.exception()  # retrieved: a repeat may never come to await it
+            raise
+        finally:
+            loop.call_later(_FORWARD_MEMORY, self._forwarded.pop, key, None)
 
     # -- operator views ----------------------------------------------------------------
 

@@ -114,6 +114,11 @@ class LocalReplica:
         def apply(view: WriteView) -> list[tuple[str | None, int]]:
             results: list[tuple[str | None, int]] = []
             for item, allow_hint in zip(items, allowed, strict=True):
+                if item.hint_for is not None and not allow_hint:
+                    # A fallback that cannot remember the owner must not keep (and
+                    # acknowledge) a copy that nobody would ever hand off.
+                    results.append((f"hint limit for {item.hint_for} reached: not stored", 0))
+                    continue
                 try:
                     merge_into(view, item.pkey, item.record)
                 except CorruptRecord as exc:
@@ -148,6 +153,10 @@ class LocalReplica:
 
         added = await self.storage.write(apply)
         self.hint_counts[target] = self.hint_counts.get(target, 0) + added
+
+    def may_hint(self, target: str) -> bool:
+        """Whether a hint for ``target`` can be stored now (its bound not reached)."""
+        return self._may_hint(target)
 
     def _may_hint(self, target: str | None) -> bool:
         if target is None:
