@@ -1,24 +1,32 @@
 """Coordinates client requests across a key's replicas (Dynamo's coordinator).
 
-Reads ask every replica in the preference list, answer once R of them replied
-(merging their versions with dvvset sync), then keep listening in the
-background and write the merged version back to replicas that were stale
-(read repair). Writes are applied by a replica of the key (this node, or the
-one the request is forwarded to): the dvvset event is created against the
-local copy, stored durably, and the resulting record is sent to the other
-replicas; the write is acknowledged once W of them (this node included) have
-it durably. Replicas that miss a write get a hint on this node, so handoff
-brings them up to date without waiting for anti-entropy.
+Every request is handled as part of a batch (a single get or put is a batch
+of one), so ``PutMany`` / ``GetMany`` share one storage write and one wait,
+and per-key work is a few callbacks rather than tasks.
+
+Reads ask R replicas of the preference list (this node's own copy first, when
+it holds one), answer once R replied (merging their versions with dvvset
+sync), and write the merged version back to the replicas that were stale
+(read repair). A replica that fails is replaced by the next one in the
+preference list; replicas that are slow past ``speculative_read`` get a
+speculative extra read.
+
+Writes are applied by a replica of the key (this node, or the one the request
+is forwarded to): the dvvset event is created against the local copy, stored
+durably, and the resulting record is sent to the other replicas through the
+per-peer batching links; the write is acknowledged once W of them (this node
+included) have it durably. Replicas that miss a write, and owners that are
+down with no fallback, get a hint on this node, so handoff brings them up to
+date without waiting for anti-entropy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from kvcluster import errors
@@ -26,8 +34,9 @@ from kvcluster.clock import Clock
 from kvcluster.core import dvvset
 from kvcluster.core.hashing import partition_of, pkey
 from kvcluster.core.preflist import Target, preference_list_for_partition
-from kvcluster.core.quorum import Outcome, Tally, parse_quorum
+from kvcluster.core.quorum import parse_quorum
 from kvcluster.core.record import (
+    Record,
     Sibling,
     decode_context,
     decode_record,
@@ -39,7 +48,7 @@ from kvcluster.core.ring import Ring
 from kvcluster.net.messages import ForwardPut, PutReply, WriteItem
 from kvcluster.net.transport import NodeId, Transport, TransportError
 from kvcluster.node.peers import PeerLinks
-from kvcluster.node.replica import LocalReplica
+from kvcluster.node.replica import Event, LocalReplica
 from kvcluster.node.settings import MAX_KEY_BYTES, NodeSettings
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+Quorum = int | str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +70,25 @@ class ReadResult:
 class WriteResult:
     context: bytes
     values: list[bytes]  # the siblings the context covers, as stored by the coordinator
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    key: bytes
+    r: Quorum = None
+    strict: bool = False
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    key: bytes
+    value: bytes
+    context: bytes = b""
+    w: Quorum = None
+    strict: bool = False
+    timeout: float | None = None
+    deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +107,64 @@ class MembershipView(Protocol):
         ...
 
     def up_nodes(self) -> frozenset[NodeId]: ...
+
+
+# -- the state of one key's request ------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Read:
+    place: Placement
+    required: int
+    deadline: float
+    order: list[Target]  # targets in the order they are asked (own copy first)
+    asked: int = 0  # how many of ``order`` were asked
+    outstanding: int = 0
+    replies: dict[NodeId, bytes | None] = field(default_factory=dict)
+    decided: bool = False
+    merged: bytes | None = None  # the merged record once decided (to repair late repliers)
+    result: ReadResult | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Write:
+    place: Placement
+    required: int
+    deadline: float
+    result: WriteResult
+    acks: int = 1  # this node's own durable copy
+    failures: int = 0
+    decided: bool = False
+
+
+class _Batch:
+    """Counts the undecided requests of a batch; :meth:`wait` returns when none is left."""
+
+    __slots__ = ("future", "loop", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending = 0
+        self.future: asyncio.Future[None] | None = None
+
+    def done_one(self) -> None:
+        self.pending -= 1
+        if self.pending == 0 and self.future is not None and not self.future.done():
+            self.future.set_result(None)
+
+    async def wait(self, deadline: float) -> None:
+        if self.pending <= 0:
+            return
+        self.future = self.loop.create_future()
+        expire = self.loop.call_at(deadline, self._expire)
+        try:
+            await self.future
+        finally:
+            expire.cancel()
+
+    def _expire(self) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
 
 
 class Coordinator:
@@ -101,16 +188,28 @@ class Coordinator:
         self.clock = clock
         self.spawn = spawn
         self.read_repairs = 0
+        # preference lists for the current ring and up-set, by (partition, strict)
+        self._preflists: dict[tuple[int, bool], tuple[Target, ...]] = {}
+        self._preflists_for: tuple[Ring | None, frozenset[NodeId]] = (None, frozenset())
+        # replicas that missed writes, waiting to become hints on this node
+        self._misses: dict[NodeId, list[bytes]] = {}
+        self._flushing_misses = False
+        self._local_repairs: list[WriteItem] = []
 
     # -- placement ----------------------------------------------------------------
 
     def place(self, key: bytes, strict: bool) -> Placement:
         self.check_key(key)
         ring = self.membership.ring()
+        up = self.membership.up_nodes()
+        if self._preflists_for[0] is not ring or self._preflists_for[1] != up:
+            self._preflists = {}
+            self._preflists_for = (ring, up)
         partition = partition_of(key, ring.q)
-        targets = preference_list_for_partition(
-            partition, ring, ring.n, self.membership.up_nodes(), strict=strict
-        )
+        targets = self._preflists.get((partition, strict))
+        if targets is None:
+            targets = preference_list_for_partition(partition, ring, ring.n, up, strict=strict)
+            self._preflists[(partition, strict)] = targets
         return Placement(ring, partition, pkey(partition, key), targets)
 
     def check_key(self, key: bytes) -> None:
@@ -128,85 +227,151 @@ class Coordinator:
                 "value",
             )
 
-    def _deadline(self, timeout: float | None) -> float:
+    def _deadline(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> float:
         t = self.settings.request_timeout if not timeout or timeout <= 0 else timeout
-        return asyncio.get_running_loop().time() + t
+        return loop.time() + t
 
     # -- reads ----------------------------------------------------------------------
 
     async def get(
         self,
         key: bytes,
-        r: int | str | None = None,
+        r: Quorum = None,
         strict: bool = False,
         timeout: float | None = None,
     ) -> ReadResult:
-        deadline = self._deadline(timeout)
-        place = self.place(key, strict)
-        n = place.ring.replicas
-        required = parse_quorum(r, n, min(self.settings.r, n), "r")
-        if len(place.targets) < required:
-            raise errors.Unavailable(required, len(place.targets))
-        calls = self._read_calls(place, deadline)
-        tally = Tally(required, [t.node for t in place.targets])
-        replies = await _await_quorum(calls, tally, deadline)
-        if tally.outcome is not Outcome.WON:
-            raise errors.Timeout(required, tally.acks)
-        merged = dvvset.sync_all(decode_record(r) for r in replies.values() if r is not None)
-        self.spawn(self._repair_after(place, calls, deadline))
-        values = live_values(merged)
-        return ReadResult(bool(values), values, encode_context(dvvset.join(merged)))
+        [result] = await self.get_many([ReadRequest(key, r, strict, timeout)])
+        if isinstance(result, errors.KVError):
+            raise result
+        return result
 
-    def _read_calls(
-        self, place: Placement, deadline: float
-    ) -> list[tuple[NodeId, asyncio.Future[bytes | None]]]:
+    async def get_many(self, requests: Sequence[ReadRequest]) -> list[ReadResult | errors.KVError]:
+        """Read every key; per request its result or the error it met, in order."""
         loop = asyncio.get_running_loop()
-        calls: list[tuple[NodeId, asyncio.Future[bytes | None]]] = []
-        for target in place.targets:
-            if target.node == self.node_id:
-                fut: asyncio.Future[bytes | None] = loop.create_future()
-                fut.set_result(self.replica.read(place.pkey))
-            else:
-                fut = _submit(self.links[target.node].read, place.pkey, deadline)
-            calls.append((target.node, fut))
-        return calls
+        results: list[ReadResult | errors.KVError | None] = [None] * len(requests)
+        batch = _Batch(loop)
+        ops: list[tuple[int, _Read]] = []
+        for i, req in enumerate(requests):
+            try:
+                deadline = self._deadline(loop, req.timeout)
+                place = self.place(req.key, req.strict)
+                n = place.ring.replicas
+                required = parse_quorum(req.r, n, min(self.settings.r, n), "r")
+                if len(place.targets) < required:
+                    raise errors.Unavailable(required, len(place.targets))
+            except errors.KVError as exc:
+                results[i] = exc
+                continue
+            order = sorted(place.targets, key=lambda t: t.node != self.node_id)
+            ops.append((i, _Read(place, required, deadline, order)))
+            batch.pending += 1
+        if ops:
+            self._read_local_first(ops, batch)
+            for _, op in ops:
+                if not op.decided:
+                    self._ask(op, batch, op.required - op.asked)
+            speculate = loop.call_later(self.settings.speculative_read, self._speculate, ops, batch)
+            await batch.wait(max(op.deadline for _, op in ops))
+            speculate.cancel()
+        for i, op in ops:
+            results[i] = op.result or errors.Timeout(op.required, len(op.replies))
+        return [r for r in results if r is not None]
 
-    async def _repair_after(
-        self,
-        place: Placement,
-        calls: list[tuple[NodeId, asyncio.Future[bytes | None]]],
-        deadline: float,
-    ) -> None:
-        """Read repair: once every replica answered (or the deadline passed),
-        send the merged version to those whose copy was older."""
-        pending = [f for _, f in calls if not f.done()]
-        if pending:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    await asyncio.gather(*pending, return_exceptions=True)
-        answered = {
-            node: f.result()
-            for node, f in calls
-            if f.done() and not f.cancelled() and f.exception() is None
-        }
-        if len(set(answered.values())) <= 1:
+    def _read_local_first(self, ops: list[tuple[int, _Read]], batch: _Batch) -> None:
+        """Read this node's own copies of the batch in one snapshot."""
+        local = [op for _, op in ops if op.order[0].node == self.node_id]
+        if not local:
             return
-        merged = encode_record(
-            dvvset.sync_all(decode_record(r) for r in answered.values() if r is not None)
-        )
-        by_node = {t.node: t for t in place.targets}
-        stale = sorted(node for node, rec in answered.items() if rec != merged)
-        later = asyncio.get_running_loop().time() + self.settings.request_timeout
-        for node in stale:
-            self.read_repairs += 1
-            target = by_node[node]
-            if node == self.node_id:
-                item = WriteItem(place.pkey, merged, target.hint_for)
-                await self.replica.merge([item], self.clock.wall_ms())
-            else:
-                with contextlib.suppress(errors.KVError, TransportError):
-                    item = WriteItem(place.pkey, merged, target.hint_for)
-                    await self.links[node].write(item, later)
+        records = self.replica.read_many([op.place.pkey for op in local])
+        for op, record in zip(local, records, strict=True):
+            op.asked = 1
+            op.outstanding += 1
+            self._replied(op, batch, self.node_id, record)
+
+    def _ask(self, op: _Read, batch: _Batch, count: int) -> None:
+        """Ask the next ``count`` replicas of ``op`` for their copy."""
+        for _ in range(count):
+            if op.asked >= len(op.order):
+                return
+            target = op.order[op.asked]
+            op.asked += 1
+            op.outstanding += 1
+            if target.node == self.node_id:
+                self._replied(op, batch, target.node, self.replica.read(op.place.pkey))
+                continue
+            fut = _submit(self.links[target.node].read, op.place.pkey, op.deadline)
+            fut.add_done_callback(functools.partial(self._read_done, op, batch, target.node))
+
+    def _read_done(
+        self, op: _Read, batch: _Batch, node: NodeId, fut: asyncio.Future[bytes | None]
+    ) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            op.outstanding -= 1
+            if op.decided:
+                return
+            if op.asked < len(op.order):
+                self._ask(op, batch, 1)  # replace the failed replica with the next one
+            elif op.outstanding == 0:
+                op.decided = True  # every replica asked, too few answered
+                batch.done_one()
+            return
+        self._replied(op, batch, node, fut.result())
+
+    def _replied(self, op: _Read, batch: _Batch, node: NodeId, record: bytes | None) -> None:
+        op.outstanding -= 1
+        if op.decided:
+            if op.merged is not None and record != op.merged:
+                self._repair(op, node, op.merged)  # a late (speculative) reply was stale
+            return
+        op.replies[node] = record
+        if len(op.replies) >= op.required:
+            self._decide_read(op, batch)
+
+    def _decide_read(self, op: _Read, batch: _Batch) -> None:
+        op.decided = True
+        batch.done_one()
+        copies = list(op.replies.values())
+        present = [r for r in copies if r is not None]
+        merged: Record
+        if not present:
+            merged, merged_bytes = dvvset.empty(), None
+        elif all(r == present[0] for r in copies):
+            merged, merged_bytes = decode_record(present[0]), present[0]
+        else:
+            merged = dvvset.sync_all(decode_record(r) for r in present)
+            merged_bytes = encode_record(merged)
+        op.merged = merged_bytes
+        values = live_values(merged)
+        op.result = ReadResult(bool(values), values, encode_context(dvvset.join(merged)))
+        if merged_bytes is not None:
+            for node, record in op.replies.items():
+                if record != merged_bytes:
+                    self._repair(op, node, merged_bytes)
+
+    def _speculate(self, ops: list[tuple[int, _Read]], batch: _Batch) -> None:
+        """Reads still waiting after ``speculative_read`` ask one more replica."""
+        for _, op in ops:
+            if not op.decided:
+                self._ask(op, batch, 1)
+
+    def _repair(self, op: _Read, node: NodeId, merged: bytes) -> None:
+        """Read repair: send the merged record to a replica whose copy was older."""
+        self.read_repairs += 1
+        target = next((t for t in op.place.targets if t.node == node), None)
+        item = WriteItem(op.place.pkey, merged, None if target is None else target.hint_for)
+        if node == self.node_id:
+            self._local_repairs.append(item)
+            if len(self._local_repairs) == 1:
+                self.spawn(self._flush_local_repairs())
+            return
+        loop = asyncio.get_running_loop()
+        fut = _submit(self.links[node].write, item, loop.time() + self.settings.request_timeout)
+        fut.add_done_callback(_retrieve)
+
+    async def _flush_local_repairs(self) -> None:
+        await asyncio.sleep(0)
+        items, self._local_repairs = self._local_repairs, []
+        await self.replica.merge(items, self.clock.wall_ms())
 
     # -- writes -----------------------------------------------------------------------
 
@@ -215,66 +380,150 @@ class Coordinator:
         key: bytes,
         value: bytes,
         context: bytes = b"",
-        w: int | str | None = None,
+        w: Quorum = None,
         strict: bool = False,
         timeout: float | None = None,
         deleted: bool = False,
         forwarded: bool = False,
     ) -> WriteResult:
-        deadline = self._deadline(timeout)
-        self.check_value(value)
-        vv = decode_context(context)
-        place = self.place(key, strict)
-        n = place.ring.replicas
-        required = parse_quorum(w, n, min(self.settings.w, n), "w")
-        if len(place.targets) < required:
-            raise errors.Unavailable(required, len(place.targets))
-        mine = next((t for t in place.targets if t.node == self.node_id), None)
-        if mine is None:
-            if forwarded:
-                raise errors.Unavailable(
-                    required,
-                    len(place.targets),
-                    "forwarded write reached a node that is not a replica (ring views differ)",
-                )
-            return await self._forward(
-                place, key, value, deleted, context, required, strict, deadline
-            )
-
-        if mine.hint_for and not self.replica.may_hint(mine.hint_for):
-            # Standing in for a down owner needs a hint to hand the write back;
-            # without one this copy would never reach an owner.
-            raise errors.Overloaded(
-                f"{self.node_id} holds too many hints for {mine.hint_for}: write refused",
-                "hints",
-            )
-        now = self.clock.wall_ms()
-        sibling = Sibling(now, deleted, b"" if deleted else value)
-        hints = [mine.hint_for] if mine.hint_for else []
-        hints += self._uncovered_owners(place)
-        record, clock = await self.replica.coordinate(
-            place.pkey, sibling, vv, hints, now, lww=self.settings.unsafe_lww
-        )
-        result = WriteResult(encode_context(dvvset.join(clock)), live_values(clock))
-        tally = Tally(required, [t.node for t in place.targets])
-        tally.ok(self.node_id)
-        others = [t for t in place.targets if t.node != self.node_id]
-        calls = [
-            (
-                t.node,
-                _submit(
-                    self.links[t.node].write, WriteItem(place.pkey, record, t.hint_for), deadline
-                ),
-            )
-            for t in others
-        ]
-        self.spawn(self._hint_misses(place.pkey, others, calls, deadline))
-        if self.settings.unsafe_ack_before_w:
-            return result  # deliberately unsafe: acknowledged with one copy
-        await _await_quorum(calls, tally, deadline)
-        if tally.outcome is not Outcome.WON:
-            raise errors.Timeout(required, tally.acks)
+        request = WriteRequest(key, value, context, w, strict, timeout, deleted)
+        [result] = await self.put_many([request], forwarded=forwarded)
+        if isinstance(result, errors.KVError):
+            raise result
         return result
+
+    async def put_many(
+        self, requests: Sequence[WriteRequest], forwarded: bool = False
+    ) -> list[WriteResult | errors.KVError]:
+        """Write every key; per request its result or the error it met, in order.
+
+        The keys this node holds a replica of are coordinated together (one
+        storage write); the others are forwarded to one of their replicas.
+        """
+        loop = asyncio.get_running_loop()
+        results: list[WriteResult | errors.KVError | None] = [None] * len(requests)
+        now = self.clock.wall_ms()
+        events: list[Event] = []
+        local: list[tuple[int, Placement, int, float]] = []
+        remote: list[tuple[int, Coroutine[Any, Any, WriteResult]]] = []
+        for i, req in enumerate(requests):
+            try:
+                deadline = self._deadline(loop, req.timeout)
+                self.check_value(req.value)
+                vv = decode_context(req.context)
+                place = self.place(req.key, req.strict)
+                n = place.ring.replicas
+                required = parse_quorum(req.w, n, min(self.settings.w, n), "w")
+                if len(place.targets) < required:
+                    raise errors.Unavailable(required, len(place.targets))
+                mine = next((t for t in place.targets if t.node == self.node_id), None)
+                if mine is None:
+                    if forwarded:
+                        raise errors.Unavailable(
+                            required,
+                            len(place.targets),
+                            "forwarded write reached a node that is not a replica "
+                            "(ring views differ)",
+                        )
+                    remote.append((i, self._forward(place, req, required, deadline)))
+                    continue
+                if mine.hint_for and not self.replica.may_hint(mine.hint_for):
+                    # Standing in for a down owner needs a hint to hand the write
+                    # back; without one this copy would never reach an owner.
+                    raise errors.Overloaded(
+                        f"{self.node_id} holds too many hints for {mine.hint_for}: write refused",
+                        "hints",
+                    )
+            except errors.KVError as exc:
+                results[i] = exc
+                continue
+            hints = ([mine.hint_for] if mine.hint_for else []) + self._uncovered_owners(place)
+            sibling = Sibling(now, req.deleted, b"" if req.deleted else req.value)
+            events.append(Event(place.pkey, sibling, vv, hints))
+            local.append((i, place, required, deadline))
+        forwarding = (
+            asyncio.gather(*(coro for _, coro in remote), return_exceptions=True)
+            if remote
+            else None
+        )
+        if events:
+            await self._coordinate(events, local, results, loop)
+        if forwarding is not None:
+            for (i, _), outcome in zip(remote, await forwarding, strict=True):
+                if isinstance(outcome, errors.KVError | WriteResult):
+                    results[i] = outcome
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+        return [r for r in results if r is not None]
+
+    async def _coordinate(
+        self,
+        events: list[Event],
+        local: list[tuple[int, Placement, int, float]],
+        results: list[WriteResult | errors.KVError | None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Apply ``events`` here, replicate them, and wait for W acks each."""
+        outcomes = await self.replica.coordinate_many(
+            events, self.clock.wall_ms(), lww=self.settings.unsafe_lww
+        )
+        batch = _Batch(loop)
+        ops: list[tuple[int, _Write]] = []
+        unsafe = self.settings.unsafe_ack_before_w
+        for (i, place, required, deadline), outcome in zip(local, outcomes, strict=True):
+            if isinstance(outcome, errors.KVError):
+                results[i] = outcome
+                continue
+            record, clock = outcome
+            result = WriteResult(encode_context(dvvset.join(clock)), live_values(clock))
+            op = _Write(place, required, deadline, result)
+            ops.append((i, op))
+            if op.acks >= required or unsafe:
+                op.decided = True  # unsafe: deliberately acknowledged with one copy
+            else:
+                batch.pending += 1
+            for target in place.targets:
+                if target.node == self.node_id:
+                    continue
+                item = WriteItem(place.pkey, record, target.hint_for)
+                fut = _submit(self.links[target.node].write, item, deadline)
+                fut.add_done_callback(functools.partial(self._write_done, op, batch, target))
+        if ops:
+            await batch.wait(max(op.deadline for _, op in ops))
+        for i, op in ops:
+            ok = op.acks >= op.required or unsafe
+            results[i] = op.result if ok else errors.Timeout(op.required, op.acks)
+
+    def _write_done(
+        self, op: _Write, batch: _Batch, target: Target, fut: asyncio.Future[None]
+    ) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            op.acks += 1
+        else:
+            op.failures += 1
+            self._missed(target.hint_for or target.node, op.place.pkey)
+        if op.decided:
+            return
+        if op.acks >= op.required or op.failures > len(op.place.targets) - op.required:
+            op.decided = True
+            batch.done_one()
+
+    def _missed(self, owner: NodeId, pkey_: bytes) -> None:
+        """Remember that ``owner`` did not take a write: it becomes a hint here."""
+        self._misses.setdefault(owner, []).append(pkey_)
+        if not self._flushing_misses:
+            self._flushing_misses = True
+            self.spawn(self._flush_misses())
+
+    async def _flush_misses(self) -> None:
+        try:
+            await asyncio.sleep(0)
+            while self._misses:
+                misses, self._misses = self._misses, {}
+                for owner in sorted(misses):
+                    await self.replica.add_hints(owner, misses[owner], self.clock.wall_ms())
+        finally:
+            self._flushing_misses = False
 
     def _uncovered_owners(self, place: Placement) -> list[NodeId]:
         """Owners that get no copy of this write: down, and no fallback stands in.
@@ -283,6 +532,8 @@ class Coordinator:
         cluster with no spare node still hands the write off once they return.
         """
         owners = place.ring.owners_of(place.partition)
+        if len(place.targets) == len(owners) and all(t.primary for t in place.targets):
+            return []
         covered = {t.node for t in place.targets} | {t.hint_for for t in place.targets}
         return [o for o in owners if o not in covered]
 
@@ -290,8 +541,8 @@ class Coordinator:
         self,
         key: bytes,
         context: bytes = b"",
-        w: int | str | None = None,
-        r: int | str | None = None,
+        w: Quorum = None,
+        r: Quorum = None,
         strict: bool = False,
         timeout: float | None = None,
     ) -> bool:
@@ -306,15 +557,7 @@ class Coordinator:
         return True
 
     async def _forward(
-        self,
-        place: Placement,
-        key: bytes,
-        value: bytes,
-        deleted: bool,
-        context: bytes,
-        required: int,
-        strict: bool,
-        deadline: float,
+        self, place: Placement, req: WriteRequest, required: int, deadline: float
     ) -> WriteResult:
         """Hand the write to a replica of the key (the client normally avoids this hop).
 
@@ -329,7 +572,9 @@ class Coordinator:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            msg = ForwardPut(key, value, deleted, context, required, strict, remaining)
+            msg = ForwardPut(
+                req.key, req.value, req.deleted, req.context, required, req.strict, remaining
+            )
             try:
                 reply = await self.transport.call(target.node, msg, remaining)
             except TransportError as exc:
@@ -344,25 +589,6 @@ class Coordinator:
             required, 0, "no replica accepted the forwarded write: " + "; ".join(failures)
         )
 
-    async def _hint_misses(
-        self,
-        pkey_: bytes,
-        targets: Sequence[Target],
-        calls: list[tuple[NodeId, asyncio.Future[None]]],
-        deadline: float,
-    ) -> None:
-        """Remember, as hints on this node, replicas that did not take the write."""
-        pending = [f for _, f in calls if not f.done()]
-        if pending:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline + 0.05):
-                    await asyncio.gather(*pending, return_exceptions=True)
-        for target, (_, fut) in zip(targets, calls, strict=True):
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                continue
-            owner = target.hint_for or target.node
-            await self.replica.add_hints(owner, [pkey_], self.clock.wall_ms())
-
 
 def _submit(
     submit: Callable[[I, float], asyncio.Future[T]], item: I, deadline: float
@@ -376,35 +602,7 @@ def _submit(
         return fut
 
 
-async def _await_quorum(
-    calls: Sequence[tuple[NodeId, asyncio.Future[T]]], tally: Tally, deadline: float
-) -> dict[NodeId, T]:
-    """Wait until ``tally`` is decided (won or lost) or the deadline passes.
-
-    Returns the successful replies so far (the tally counts them). Futures are
-    not cancelled: stragglers finish in the background (read repair, hints).
-    """
-    loop = asyncio.get_running_loop()
-    replies: dict[NodeId, T] = {}
-    decided: asyncio.Future[None] = loop.create_future()
-
-    def on_done(node: NodeId, fut: asyncio.Future[T]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            tally.failed(node)
-        else:
-            replies[node] = fut.result()
-            tally.ok(node)
-        if tally.outcome is not Outcome.PENDING and not decided.done():
-            decided.set_result(None)
-
-    for node, fut in calls:
-        if fut.done():
-            on_done(node, fut)
-        else:
-            fut.add_done_callback(functools.partial(on_done, node))
-    if tally.outcome is not Outcome.PENDING:
-        return dict(replies)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout_at(deadline):
-            await decided
-    return dict(replies)
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a fire-and-forget future's exception as seen (read repair is best effort)."""
+    if not fut.cancelled():
+        fut.exception()

@@ -28,6 +28,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class Event:
+    """A client write to apply as this node's event (see LocalReplica.coordinate_many)."""
+
+    pkey: bytes
+    sibling: Sibling
+    context: dvvset.VersionVector
+    hint_for: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class HintLimits:
     """Hints per target beyond this are dropped (anti-entropy catches up)."""
 
@@ -73,39 +83,74 @@ class LocalReplica:
         now_ms: int,
         lww: bool = False,
     ) -> tuple[bytes, Record]:
-        """Apply a client write as this node's event; return the new record (bytes and clock).
+        """Apply one client write as this node's event (see :meth:`coordinate_many`)."""
+        [outcome] = await self.coordinate_many(
+            [Event(pkey, sibling, context, hint_for)], now_ms, lww
+        )
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-        ``context`` empty means the write supersedes nothing. ``hint_for`` names
-        the owners that must receive this record later (the one this node
-        stands in for, and owners that are down with no fallback). ``lww``
-        (unsafe, for checker tests only) collapses siblings to the newest value.
+    async def coordinate_many(
+        self, events: Sequence[Event], now_ms: int, lww: bool = False
+    ) -> list[tuple[bytes, Record] | errors.KVError]:
+        """Apply client writes as this node's events, in one group-committed write.
+
+        For each event: ``context`` empty means the write supersedes nothing;
+        ``hint_for`` names the owners that must receive the record later (the
+        one this node stands in for, and owners that are down with no
+        fallback). Returns per event the new record (bytes and clock) or the
+        error that event met. ``lww`` (unsafe, for checker tests only)
+        collapses siblings to the newest value.
         """
-        new = dvvset.new_with_context(context, sibling) if context else dvvset.new(sibling)
         incarnation = self.incarnation
-        hinted = [t for t in hint_for if self._may_hint(t)]
-        self.hints_dropped += len(hint_for) - len(hinted)
+        prepared: list[tuple[Event, Record, list[str]]] = []
+        for event in events:
+            new: Record = (
+                dvvset.new_with_context(event.context, event.sibling)
+                if event.context
+                else dvvset.new(event.sibling)
+            )
+            hinted = [t for t in event.hint_for if self._may_hint(t)]
+            self.hints_dropped += len(event.hint_for) - len(hinted)
+            prepared.append((event, new, hinted))
 
-        def apply(view: WriteView) -> tuple[bytes, Record, list[int]]:
-            stored = store.read_stored(view, pkey)
-            if stored is None:
-                epoch = store.next_actor_epoch(view)
-                local: Record = dvvset.empty()
-            else:
-                epoch = stored.epoch
-                local = decode_record(stored.record)
-            actor = store.actor_name(incarnation, epoch)
-            updated = dvvset.update_with(new, local, actor)
-            if lww:
-                updated = dvvset.lww(updated, _newest)
-            record = encode_record(updated)
-            store.write_record(view, pkey, record, epoch)
-            added = [_put_hint(view, target, pkey, now_ms) for target in hinted]
-            return record, updated, added
+        def apply(view: WriteView) -> list[tuple[bytes, Record, list[int]] | errors.KVError]:
+            out: list[tuple[bytes, Record, list[int]] | errors.KVError] = []
+            for event, new, hinted in prepared:
+                pkey = event.pkey
+                stored = store.read_stored(view, pkey)
+                try:
+                    local: Record = (
+                        dvvset.empty() if stored is None else decode_record(stored.record)
+                    )
+                except CorruptRecord as exc:
+                    out.append(errors.Internal(f"stored record of {pkey!r} is corrupt: {exc}"))
+                    continue
+                epoch = store.next_actor_epoch(view) if stored is None else stored.epoch
+                updated = dvvset.update_with(new, local, store.actor_name(incarnation, epoch))
+                if lww:
+                    updated = dvvset.lww(updated, _newest)
+                record = encode_record(updated)
+                store.write_record(view, pkey, record, epoch)
+                added = [_put_hint(view, target, pkey, now_ms) for target in hinted]
+                out.append((record, updated, added))
+            return out
 
-        record, updated, added = await self.storage.write(apply)
-        for target, count in zip(hinted, added, strict=True):
-            self.hint_counts[target] = self.hint_counts.get(target, 0) + count
-        return record, updated
+        try:
+            results = await self.storage.write(apply)
+        except errors.KVError as exc:
+            return [exc] * len(events)
+        outcomes: list[tuple[bytes, Record] | errors.KVError] = []
+        for (_, _, hinted), result in zip(prepared, results, strict=True):
+            if isinstance(result, errors.KVError):
+                outcomes.append(result)
+                continue
+            record, updated, added = result
+            for target, count in zip(hinted, added, strict=True):
+                self.hint_counts[target] = self.hint_counts.get(target, 0) + count
+            outcomes.append((record, updated))
+        return outcomes
 
     async def merge(self, items: Sequence[WriteItem], now_ms: int) -> list[str | None]:
         """Merge replicated records (dvvset sync); per item None or an error text."""

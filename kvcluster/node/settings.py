@@ -23,6 +23,7 @@ class NodeSettings:
     w: int = 2
     # request handling
     request_timeout: float = 5.0
+    speculative_read: float = 0.25  # ask one more replica when a read waits this long
     max_value_bytes: int = 1024 * 1024
     max_batch_items: int = 1000  # PutMany / GetMany
     # replication to peers: one batch in flight per peer
@@ -60,7 +61,13 @@ class NodeSettings:
                 raise ValueError(f"{name}: {v} is outside 1..n_val ({self.n_val})")
         if self.max_value_bytes < 1:
             raise ValueError(f"max_value_bytes: {self.max_value_bytes} must be positive")
-        for name in ("request_timeout", "heartbeat_interval", "rpc_timeout", "handoff_interval"):
+        for name in (
+            "request_timeout",
+            "speculative_read",
+            "heartbeat_interval",
+            "rpc_timeout",
+            "handoff_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive")
         if not 0 < self.phi_suspect < self.phi_down:

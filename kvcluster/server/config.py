@@ -80,6 +80,7 @@ _SETTINGS_HELP = {
     "r": "Default read quorum (R).",
     "w": "Default write quorum (W).",
     "request_timeout": "Seconds a request may take before it fails with a timeout.",
+    "speculative_read": "Seconds a read waits for a replica before also asking another one.",
     "max_value_bytes": "Largest value accepted, in bytes.",
     "max_batch_items": "Most items in one PutMany / GetMany call.",
     "replication_batch": "Most records in one replication message to a peer.",

@@ -19,6 +19,7 @@ import grpc
 
 from kvcluster import errors
 from kvcluster.net.faults import Faults, FaultState
+from kvcluster.node.coordinator import ReadRequest, WriteRequest
 from kvcluster.node.node import Node
 from kvcluster.wire.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 
@@ -142,17 +143,27 @@ class KVService(kv_pb2_grpc.KVServicer):
     ) -> kv_pb2.PutManyResponse:
         async def call() -> kv_pb2.PutManyResponse:
             self._check_batch(len(request.items))
-            results = await asyncio.gather(
-                *(self._put(item) for item in request.items), return_exceptions=True
+            results = await self.node.coordinator.put_many(
+                [
+                    WriteRequest(
+                        item.key,
+                        item.value,
+                        item.context,
+                        quorum_value(item.w),
+                        item.strict,
+                        _timeout(item.timeout_ms),
+                    )
+                    for item in request.items
+                ]
             )
             out = kv_pb2.PutManyResponse()
             for result in results:
                 if isinstance(result, errors.KVError):
                     out.results.add(error=error_item(result))
-                elif isinstance(result, BaseException):
-                    raise result
                 else:
-                    out.results.add(ok=result)
+                    out.results.add(
+                        ok=kv_pb2.PutResponse(context=result.context, values=result.values)
+                    )
             return out
 
         return await self._run("put_many", context, call)
@@ -162,17 +173,24 @@ class KVService(kv_pb2_grpc.KVServicer):
     ) -> kv_pb2.GetManyResponse:
         async def call() -> kv_pb2.GetManyResponse:
             self._check_batch(len(request.items))
-            results = await asyncio.gather(
-                *(self._get(item) for item in request.items), return_exceptions=True
+            results = await self.node.coordinator.get_many(
+                [
+                    ReadRequest(
+                        item.key, quorum_value(item.r), item.strict, _timeout(item.timeout_ms)
+                    )
+                    for item in request.items
+                ]
             )
             out = kv_pb2.GetManyResponse()
             for result in results:
                 if isinstance(result, errors.KVError):
                     out.results.add(error=error_item(result))
-                elif isinstance(result, BaseException):
-                    raise result
                 else:
-                    out.results.add(ok=result)
+                    out.results.add(
+                        ok=kv_pb2.GetResponse(
+                            found=result.found, values=result.values, context=result.context
+                        )
+                    )
             return out
 
         return await self._run("get_many", context, call)

@@ -18,7 +18,13 @@ from kvcluster.core.ring import new_ring
 from kvcluster.net.grpc_transport import never_connected
 from kvcluster.net.messages import PutReply
 from kvcluster.net.transport import Transport, TransportError
-from kvcluster.node.coordinator import Coordinator, MembershipView, Placement, WriteResult
+from kvcluster.node.coordinator import (
+    Coordinator,
+    MembershipView,
+    Placement,
+    WriteRequest,
+    WriteResult,
+)
 from kvcluster.node.peers import PeerLinks
 from kvcluster.node.replica import LocalReplica
 from kvcluster.node.settings import NodeSettings
@@ -102,7 +108,8 @@ def _forward_with(first_error: TransportError) -> tuple[list[str], object]:
     async def run() -> object:
         deadline = asyncio.get_running_loop().time() + 1.0
         try:
-            return await coordinator._forward(place, b"k", b"v", False, b"", 2, False, deadline)
+            request = WriteRequest(b"k", b"v")
+            return await coordinator._forward(place, request, 2, deadline)
         except errors.KVError as exc:
             return exc
 
