@@ -60,8 +60,9 @@ LABEL org.opencontainers.image.title="kvcluster" \
       org.opencontainers.image.description="Replicated key-value database node (Dynamo / Riak KV lineage)"
 USER kvcluster
 VOLUME ["/var/lib/kvcluster"]
-# 7101: gRPC (KV, Admin, health, reflection); 8101: Prometheus metrics.
-EXPOSE 7101 8101
+# 7101: gRPC (KV, Admin, health, reflection); 8101: Prometheus metrics;
+# 9101: node-to-node messages (TCP, listen port + peer_port_offset).
+EXPOSE 7101 8101 9101
 # The standard gRPC health check: SERVING once the node has an agreed ring.
 HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
     CMD ["/opt/kvcluster/bin/python", "/opt/kvcluster/healthcheck.py"]

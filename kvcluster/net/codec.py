@@ -80,3 +80,15 @@ def decode(data: bytes) -> Any:
         raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise CodecError(f"undecodable message: {exc}") from exc
+
+
+def stream_decoder(max_frame: int) -> msgpack.Unpacker:
+    """An incremental decoder for a stream of encoded messages (``feed`` then iterate).
+
+    msgpack values are self-delimiting, so a byte stream of :func:`encode`
+    outputs needs no extra framing. A value larger than ``max_frame`` bytes, or
+    malformed bytes, raise while iterating.
+    """
+    return msgpack.Unpacker(
+        ext_hook=_ext_hook, use_list=False, raw=False, max_buffer_size=max_frame
+    )

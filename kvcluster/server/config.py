@@ -64,6 +64,14 @@ _NODE_FIELDS = [
         "",
         "host:port of the Prometheus endpoint ('' = listen port + 1000, 'off' = none).",
     ),
+    Field(
+        "peer_port_offset",
+        int,
+        2000,
+        "Node-to-node messages travel over plain TCP on the listen port + this offset "
+        "(like Cassandra's storage port); must be the same on every node. "
+        "0 = carry them over the gRPC port instead (simpler firewalling, slower).",
+    ),
     Field("log_level", str, "info", "debug, info, warning or error."),
     Field("map_size_mb", int, 16384, "Largest size the LMDB store may grow to, in MiB."),
     Field(
@@ -124,6 +132,7 @@ class Config:
     data_dir: Path
     seeds: tuple[Seed, ...]
     metrics_listen: str | None
+    peer_port_offset: int
     log_level: str
     map_size_mb: int
     max_pending_writes: int
@@ -267,6 +276,13 @@ def _build(v: dict[str, Any], sources: dict[str, str]) -> Config:
         if port + 1000 > 65535:
             raise fail("metrics_listen", "listen port + 1000 is not a port; set it explicitly")
         metrics = f"{host}:{port + 1000}"
+    offset = v["peer_port_offset"]
+    if offset:
+        adv_port = parse_address(advertise, "advertise")[1]
+        if offset < 0 or not (0 < port + offset < 65536 and 0 < adv_port + offset < 65536):
+            raise fail("peer_port_offset", f"listen port + {offset} is not a port")
+        if metrics is not None and metrics == f"{host}:{port + offset}":
+            raise fail("peer_port_offset", f"listen port + {offset} is the metrics port")
     if v["log_level"].lower() not in ("debug", "info", "warning", "error"):
         raise fail("log_level", f"{v['log_level']!r} is not debug, info, warning or error")
     if v["map_size_mb"] < 1:
@@ -286,6 +302,7 @@ def _build(v: dict[str, Any], sources: dict[str, str]) -> Config:
         data_dir=Path(v["data_dir"]),
         seeds=seeds,
         metrics_listen=metrics,
+        peer_port_offset=offset,
         log_level=v["log_level"].lower(),
         map_size_mb=v["map_size_mb"],
         max_pending_writes=v["max_pending_writes"],

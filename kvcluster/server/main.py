@@ -28,6 +28,8 @@ from kvcluster.clock import SystemClock
 from kvcluster.metrics import Metrics
 from kvcluster.net.faults import FaultState, FaultyTransport
 from kvcluster.net.grpc_transport import GrpcTransport, InternalService
+from kvcluster.net.tcp_transport import TcpServer, TcpTransport, peer_address
+from kvcluster.net.transport import Transport
 from kvcluster.node.node import Node
 from kvcluster.server import config as cfg
 from kvcluster.server.services import AdminService, KVService
@@ -56,7 +58,12 @@ async def serve(config: cfg.Config, ready: asyncio.Event | None = None) -> None:
     metrics = Metrics(config.node_id)
     clock = SystemClock()
     faults = FaultState(clock)
-    transport = FaultyTransport(GrpcTransport(config.node_id), faults)
+    inner: Transport
+    if config.peer_port_offset:
+        inner = TcpTransport(config.node_id, config.peer_port_offset)
+    else:
+        inner = GrpcTransport(config.node_id)
+    transport = FaultyTransport(inner, faults)
     seeds = {s.node_id: s.address for s in config.seeds}
     node = Node(
         config.node_id,
@@ -90,6 +97,12 @@ async def serve(config: cfg.Config, ready: asyncio.Event | None = None) -> None:
     for service in ("", "kvcluster.wire.v1.KV"):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     _check_free(config.listen, "listen")
+    peer_server: TcpServer | None = None
+    if config.peer_port_offset:
+        peer_listen = peer_address(config.listen, config.peer_port_offset)
+        _check_free(peer_listen, "peer_port_offset")
+        peer_server = TcpServer(node.handle, faults.drops_from)
+        await peer_server.start(peer_listen)
     try:
         server.add_insecure_port(config.listen)
     except RuntimeError as exc:
@@ -119,6 +132,8 @@ async def serve(config: cfg.Config, ready: asyncio.Event | None = None) -> None:
         serving.cancel()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(SHUTDOWN_GRACE)
+        if peer_server is not None:
+            await peer_server.close()
         await node.stop()
         await transport.close()
         await storage.close()
