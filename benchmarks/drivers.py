@@ -96,7 +96,11 @@ class KvclusterDriver(Driver):
     name = "kvcluster"
 
     def __init__(self, spec: DriverSpec) -> None:
-        self.client = AsyncClient(list(spec.endpoints), timeout=spec.timeout)
+        self.client = AsyncClient(
+            list(spec.endpoints),
+            timeout=spec.timeout,
+            pipeline=bool(spec.options.get("pipeline", False)),
+        )
         self.blind = bool(spec.options.get("blind", False))
         self.contexts: dict[bytes, bytes] = {}
 

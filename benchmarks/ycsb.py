@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cluster-nodes", type=int, default=3, help="kvcluster nodes to start")
     p.add_argument("--base-port", type=int, help="kvcluster first port (default: free, 7701..)")
     p.add_argument("--kv-blind", action="store_true", help="kvcluster updates without context")
+    p.add_argument(
+        "--kv-pipeline",
+        action="store_true",
+        help="kvcluster single-key calls pipelined on one stream per node (AsyncClient(pipeline=True))",
+    )
     p.add_argument("--etcd-bin", help="etcd binary (default: PATH, else apt-get install)")
     p.add_argument("--no-install", dest="install", action="store_false")
     p.add_argument("--etcd-base-port", type=int, default=etcd_mod.DEFAULT_BASE_PORT)
@@ -189,7 +194,7 @@ def start_system(
                     "kvcluster",
                     tuple(system.endpoints),
                     timeout=args.timeout,
-                    options={"blind": args.kv_blind},
+                    options={"blind": args.kv_blind, "pipeline": args.kv_pipeline},
                 ),
             )
         return

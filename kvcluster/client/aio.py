@@ -11,6 +11,7 @@ import grpc
 from kvcluster import errors
 from kvcluster.client import _core as core
 from kvcluster.client._core import Bytes, Quorum, ReadResult, WriteResult
+from kvcluster.client.pipeline import Pipe, pipelined
 from kvcluster.client.policies import (
     Decision,
     DefaultRetryPolicy,
@@ -29,6 +30,11 @@ class AsyncClient:
 
     Use ``async with AsyncClient([...]) as kv:``; batch calls (``put_many``,
     ``get_many``) send one message per coordinating node, concurrently.
+
+    ``pipeline=True`` sends single-key calls (``get``, ``put``, ``delete``) as
+    messages on one long-lived stream per node instead of one RPC each: same
+    results and errors, much less CPU per call on both sides when many calls
+    run concurrently (see :mod:`kvcluster.client.pipeline`).
     """
 
     def __init__(
@@ -39,6 +45,7 @@ class AsyncClient:
         load_balancing: LoadBalancingPolicy | None = None,
         retry: RetryPolicy | None = None,
         ring_refresh: float = 30.0,
+        pipeline: bool = False,
     ) -> None:
         if timeout <= 0:
             raise errors.InvalidArgument("timeout must be positive", "timeout")
@@ -50,6 +57,8 @@ class AsyncClient:
         self._retry = retry or DefaultRetryPolicy()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._kv_stubs: dict[str, kv_pb2_grpc.KVAsyncStub] = {}
+        self.pipeline = pipeline
+        self._pipes: dict[str, Pipe] = {}
         self._ring_stale = True
         self._refreshing: asyncio.Task[core.RingView | None] | None = None
         self._closed = False
@@ -62,6 +71,10 @@ class AsyncClient:
 
     async def close(self) -> None:
         self._closed = True
+        pipes = list(self._pipes.values())
+        self._pipes.clear()
+        for pipe in pipes:
+            await pipe.close()
         channels = list(self._channels.values())
         self._channels.clear()
         self._kv_stubs.clear()
@@ -82,6 +95,12 @@ class AsyncClient:
         if stub is None:
             stub = self._kv_stubs[address] = kv_pb2_grpc.KVStub(self._channel(address))
         return stub
+
+    def _pipe(self, address: str) -> Pipe:
+        pipe = self._pipes.get(address)
+        if pipe is None:
+            pipe = self._pipes[address] = Pipe(self._kv(address), address)
+        return pipe
 
     def _admin(self, address: str) -> admin_pb2_grpc.AdminAsyncStub:
         return admin_pb2_grpc.AdminStub(self._channel(address))
@@ -147,9 +166,12 @@ class AsyncClient:
                 break
             tried.append(address)
             try:
-                response = await getattr(self._kv(address), method)(request, timeout=remaining)
-            except grpc.RpcError as exc:
-                last = core.translate(exc, address)
+                if self.pipeline and pipelined(method):
+                    response = await self._pipe(address).call(method, request, remaining)
+                else:
+                    response = await getattr(self._kv(address), method)(request, timeout=remaining)
+            except (grpc.RpcError, errors.KVError, NodeFailure) as exc:
+                last = core.translate(exc, address) if isinstance(exc, grpc.RpcError) else exc
                 if isinstance(last, NodeFailure):
                     self._router.health.failed(address)
                     self._ring_stale = True

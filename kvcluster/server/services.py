@@ -38,6 +38,8 @@ STATUS_OF: dict[type[errors.KVError], grpc.StatusCode] = {
 }
 
 T = TypeVar("T")
+#: Requests one Stream call may have running at once; more are answered Overloaded.
+MAX_STREAM_IN_FLIGHT = 4096
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -75,26 +77,32 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.node = node
         self.metrics = node.metrics
 
-    async def _run(self, op: str, context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
+    async def _outcome(self, op: str, call: Callable[[], Awaitable[T]]) -> T | errors.KVError:
+        """Run one request: its response or the KVError it failed with (counted in metrics)."""
         start = time.perf_counter()
         outcome = "ok"
         try:
             return await call()
         except errors.KVError as err:
             outcome = err.kind
-            await _abort(context, err)
-            raise AssertionError("unreachable") from None  # abort() raises
+            return err
         except Exception as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             outcome = "internal"
             log.exception("%s failed", op)
-            await _abort(context, errors.Internal(f"{type(exc).__name__}: {exc}"))
-            raise AssertionError("unreachable") from None
+            return errors.Internal(f"{type(exc).__name__}: {exc}")
         finally:
             if self.metrics is not None:
                 self.metrics.requests.labels(op, outcome).inc()
                 self.metrics.latency.labels(op).observe(time.perf_counter() - start)
+
+    async def _run(self, op: str, context: Ctx, call: Callable[[], Awaitable[T]]) -> T:
+        result = await self._outcome(op, call)
+        if isinstance(result, errors.KVError):
+            await _abort(context, result)
+            raise AssertionError("unreachable")  # abort() raises
+        return result
 
     async def Get(self, request: kv_pb2.GetRequest, context: Ctx) -> kv_pb2.GetResponse:  # noqa: N802
         return await self._run("get", context, lambda: self._get(request))
@@ -125,18 +133,70 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Delete(  # noqa: N802
         self, request: kv_pb2.DeleteRequest, context: Ctx
     ) -> kv_pb2.DeleteResponse:
-        async def call() -> kv_pb2.DeleteResponse:
-            found = await self.node.coordinator.delete(
-                request.key,
-                request.context,
-                w=quorum_value(request.w),
-                r=quorum_value(request.r),
-                strict=request.strict,
-                timeout=_timeout(request.timeout_ms),
-            )
-            return kv_pb2.DeleteResponse(found=found)
+        return await self._run("delete", context, lambda: self._delete(request))
 
-        return await self._run("delete", context, call)
+    async def _delete(self, request: kv_pb2.DeleteRequest) -> kv_pb2.DeleteResponse:
+        found = await self.node.coordinator.delete(
+            request.key,
+            request.context,
+            w=quorum_value(request.w),
+            r=quorum_value(request.r),
+            strict=request.strict,
+            timeout=_timeout(request.timeout_ms),
+        )
+        return kv_pb2.DeleteResponse(found=found)
+
+    async def Stream(  # noqa: N802
+        self, requests: AsyncIterator[kv_pb2.StreamRequest], context: Ctx
+    ) -> AsyncIterator[kv_pb2.StreamResponse]:
+        """Pipelining: every request runs as soon as it arrives; replies go out as they finish."""
+        replies: asyncio.Queue[kv_pb2.StreamResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve(req: kv_pb2.StreamRequest) -> None:
+            op = req.WhichOneof("op")
+            result: Any
+            if op == "get":
+                result = await self._outcome("get", lambda: self._get(req.get))
+            elif op == "put":
+                result = await self._outcome("put", lambda: self._put(req.put))
+            elif op == "delete":
+                result = await self._outcome("delete", lambda: self._delete(req.delete))
+            else:
+                result = errors.InvalidArgument("stream request without an operation", "op")
+            if isinstance(result, errors.KVError):
+                replies.put_nowait(kv_pb2.StreamResponse(id=req.id, error=error_item(result)))
+            else:
+                replies.put_nowait(kv_pb2.StreamResponse(id=req.id, **{op: result}))  # type: ignore[arg-type]
+
+        async def read() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                async for req in requests:
+                    if len(running) >= MAX_STREAM_IN_FLIGHT:
+                        busy = errors.Overloaded(
+                            f"more than {MAX_STREAM_IN_FLIGHT} requests in flight on one stream",
+                            "stream",
+                        )
+                        replies.put_nowait(kv_pb2.StreamResponse(id=req.id, error=error_item(busy)))
+                        continue
+                    task = loop.create_task(serve(req))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:  # the caller finished sending: answer what is still running
+                    await asyncio.wait(set(running))
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # re-raises a broken request stream
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
 
     async def PutMany(  # noqa: N802
         self, request: kv_pb2.PutManyRequest, context: Ctx

@@ -249,9 +249,10 @@ def test_client_session_is_sticky_and_reads_its_writes(client: Client, key: str)
 # -- AsyncClient -----------------------------------------------------------------------
 
 
-def test_async_client_round_trip(cluster: Cluster, key: str) -> None:
+@pytest.mark.parametrize("pipeline", [False, True], ids=["unary", "pipelined"])
+def test_async_client_round_trip(cluster: Cluster, key: str, pipeline: bool) -> None:
     async def scenario() -> None:
-        async with AsyncClient(cluster.addresses) as kv:
+        async with AsyncClient(cluster.addresses, pipeline=pipeline) as kv:
             assert not (await kv.get(key)).found
             written = await kv.put(key, b"v1")
             assert written.values == [b"v1"]
@@ -264,12 +265,12 @@ def test_async_client_round_trip(cluster: Cluster, key: str) -> None:
             await kv.put(key, b"v3", context=both.context)
             assert (await kv.get(key, r="all")).values == [b"v3"]
 
-            await kv.put("ключ-async", "значение ✓")
-            assert (await kv.get("ключ-async".encode())).values == ["значение ✓".encode()]
+            await kv.put(f"{key}/ключ", "значение ✓")
+            assert (await kv.get(f"{key}/ключ".encode())).values == ["значение ✓".encode()]
 
-            written_many = await kv.put_many([(f"abatch/{i}", b"%d" % i) for i in range(10)])
+            written_many = await kv.put_many([(f"{key}/{i}", b"%d" % i) for i in range(10)])
             assert all(isinstance(w, WriteResult) for w in written_many)
-            read_many = await kv.get_many([f"abatch/{i}" for i in range(10)])
+            read_many = await kv.get_many([f"{key}/{i}" for i in range(10)])
             assert [r.values for r in read_many if isinstance(r, ReadResult)] == [
                 [b"%d" % i] for i in range(10)
             ]

@@ -59,6 +59,11 @@ class KVStub:
                 request_serializer=kvcluster_dot_wire_dot_v1_dot_kv__pb2.GetManyRequest.SerializeToString,
                 response_deserializer=kvcluster_dot_wire_dot_v1_dot_kv__pb2.GetManyResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/kvcluster.wire.v1.KV/Stream',
+                request_serializer=kvcluster_dot_wire_dot_v1_dot_kv__pb2.StreamRequest.SerializeToString,
+                response_deserializer=kvcluster_dot_wire_dot_v1_dot_kv__pb2.StreamResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -95,6 +100,16 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """Pipelining: many single-key requests in flight on one long-lived stream,
+        each coordinated independently; a reply is sent as soon as its request
+        finishes (in any order), matched to it by id. Same semantics as Get, Put
+        and Delete, at a fraction of the per-call cost of a unary RPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +137,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.GetMany,
                     request_deserializer=kvcluster_dot_wire_dot_v1_dot_kv__pb2.GetManyRequest.FromString,
                     response_serializer=kvcluster_dot_wire_dot_v1_dot_kv__pb2.GetManyResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=kvcluster_dot_wire_dot_v1_dot_kv__pb2.StreamRequest.FromString,
+                    response_serializer=kvcluster_dot_wire_dot_v1_dot_kv__pb2.StreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +279,33 @@ class KV:
             '/kvcluster.wire.v1.KV/GetMany',
             kvcluster_dot_wire_dot_v1_dot_kv__pb2.GetManyRequest.SerializeToString,
             kvcluster_dot_wire_dot_v1_dot_kv__pb2.GetManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvcluster.wire.v1.KV/Stream',
+            kvcluster_dot_wire_dot_v1_dot_kv__pb2.StreamRequest.SerializeToString,
+            kvcluster_dot_wire_dot_v1_dot_kv__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
