@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kv-pipeline",
         action="store_true",
-        help="kvcluster single-key calls pipelined on one stream per node (AsyncClient(pipeline=True))",
+        help="kvcluster single-key calls pipelined on one stream per node",
     )
     p.add_argument("--etcd-bin", help="etcd binary (default: PATH, else apt-get install)")
     p.add_argument("--no-install", dest="install", action="store_false")

@@ -195,8 +195,9 @@ class _Peer:
             self._connecting = asyncio.get_running_loop().create_task(self._dial())
         try:
             return await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
-        except asyncio.TimeoutError:
-            raise TransportError(self.node, f"no connection within {timeout:.3g}s", sent=False)
+        except TimeoutError:
+            reason = f"no connection within {timeout:.3g}s"
+            raise TransportError(self.node, reason, sent=False) from None
         except OSError as exc:
             raise TransportError(self.node, f"cannot connect: {exc}", sent=False) from None
 
