@@ -317,6 +317,13 @@ class TcpServer:
             lambda: _ServerConnection(self), host, port, reuse_address=True
         )
 
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful after ``start("host:0")``)."""
+        assert self._server is not None, "not started"
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

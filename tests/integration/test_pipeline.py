@@ -8,6 +8,7 @@ on its stream.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -108,3 +109,19 @@ def test_node_killed_with_requests_in_flight(start_cluster: StartCluster) -> Non
                 await kv.put("kill/unreachable", b"v", timeout=1.0)
 
     asyncio.run(scenario())
+
+
+GRPC_PEERS_PORT = PORT + 6  # 3 nodes: 7476-7478
+
+
+def test_nodes_can_talk_over_grpc_instead_of_tcp(start_cluster: StartCluster) -> None:
+    """``peer_port_offset = 0``: node-to-node messages over the gRPC Internal service."""
+    cluster = start_cluster(3, GRPC_PEERS_PORT, settings={"peer_port_offset": 0})
+    with cluster.client() as kv:
+        kv.put("grpc-peers/k", b"v", w="all")
+        assert kv.get("grpc-peers/k", r="all").values == [b"v"]
+    for node_id in cluster.ids:
+        state = dev.DevCluster.load(cluster.dir).node(node_id)
+        port = int(state.address.rsplit(":", 1)[1]) + 2000
+        with socket.socket() as sock:  # nothing listens on the TCP peer port
+            assert sock.connect_ex(("127.0.0.1", port)) != 0
