@@ -58,9 +58,9 @@ check-proto: $(STAMP)
 	  { echo "generated protobuf code is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp
 
-## bench: kvcluster vs etcd side by side (YCSB A/B/C/F + batches, 3 runs, medians; ~10 min)
+## bench: kvcluster vs etcd side by side (YCSB A/B/C/F + batches, pipelined client; ~8 min)
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.ycsb --vs etcd --repeat 3 --out .bench/latest
+	$(BIN)/python -m benchmarks.ycsb --vs etcd --kv-pipeline --duration 20 --out .bench/latest
 
 ## bench-load: put/get ops/s and p50/p99/p999 at concurrency 1, 16, 64
 bench-load: $(STAMP)

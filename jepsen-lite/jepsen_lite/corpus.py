@@ -55,15 +55,21 @@ class CorpusError(ValueError):
 
 
 def corpus_dir() -> Path:
-    """The corpus directory: ``$KVCLUSTER_LINCHECK_CORPUS`` or ``<repo>/../shared/lincheck-corpus``.
+    """The corpus directory: ``$KVCLUSTER_LINCHECK_CORPUS``, else the shared copy
+    beside the repository (``<repo>/../shared/lincheck-corpus``) when there is
+    one, else the unmodified copy vendored in ``jepsen-lite/tests/lincheck-corpus``
+    (MIT, from Porcupine; so a clone alone can run the tests).
 
     Does not check that it exists.
     """
     env = os.environ.get(CORPUS_ENV)
     if env:
         return Path(env).expanduser().resolve()
-    repo_root = Path(__file__).resolve().parents[2]  # jepsen_lite -> jepsen-lite -> repo
-    return repo_root.parent / "shared" / "lincheck-corpus"
+    package_root = Path(__file__).resolve().parents[1]  # jepsen_lite -> jepsen-lite
+    shared = package_root.parent / ".." / "shared" / "lincheck-corpus"
+    if (shared / "VERDICTS.tsv").is_file():
+        return shared.resolve()
+    return package_root / "tests" / "lincheck-corpus"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Node-to-node traffic (replication batches, reads, heartbeats, agreement,
 Merkle exchanges) is the hottest path in the cluster. A grpc.aio unary call
 costs this machine about 0.27 ms of server CPU and 0.2 ms of client CPU, a
-framed message on an asyncio socket about 0.01 ms (see ``benchmarks/README``),
+framed message on an asyncio socket about 0.02 ms (``python -m benchmarks.rpc_cost``),
 so nodes talk to each other the way Cassandra's storage port and Riak's
 disterl do: a long-lived TCP connection per peer carrying request/reply frames
 tagged with a request id, many requests in flight at once. Clients still speak
@@ -180,6 +180,8 @@ class _Peer:
         conn = self._conn
         if conn is None or conn.closed:
             conn = await self._connect(timeout)
+        if conn.closed:  # it broke between the connect and now: the request would be lost
+            raise TransportError(self.node, "connection closed before sending", sent=False)
         if conn.buffered() > self._owner.max_buffer:
             raise TransportError(self.node, "peer is not reading (send buffer full)", sent=False)
         rid, future = conn.request(msg)
@@ -193,8 +195,15 @@ class _Peer:
     async def _connect(self, timeout: float) -> _ClientConnection:
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._dial())
+        connecting = self._connecting
         try:
-            return await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
+            return await asyncio.wait_for(asyncio.shield(connecting), timeout)
+        except asyncio.CancelledError:
+            # close() (or set_address) cancelled the dial, not our caller: a failed call
+            me = asyncio.current_task()
+            if connecting.cancelled() and (me is None or not me.cancelling()):
+                raise TransportError(self.node, "closed while connecting", sent=False) from None
+            raise
         except TimeoutError:
             reason = f"no connection within {timeout:.3g}s"
             raise TransportError(self.node, reason, sent=False) from None
