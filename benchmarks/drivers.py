@@ -37,13 +37,14 @@ from typing import Any
 import grpc
 
 from kvcluster import AsyncClient, errors
+from kvcluster.net.grpc_options import MAX_MESSAGE_BYTES
 
 #: etcd's default --max-txn-ops: the most operations one Txn may hold.
 ETCD_MAX_TXN_OPS = 128
 #: Same message size limits as the kvcluster client.
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
 

@@ -21,7 +21,8 @@ from kvcluster.client.policies import (
     RetryPolicy,
     TokenAwarePolicy,
 )
-from kvcluster.client.sync import CHANNEL_OPTIONS, _Sticky, _to_dict
+from kvcluster.client.sync import _Sticky, _to_dict
+from kvcluster.net.grpc_options import CHANNEL_OPTIONS
 from kvcluster.wire.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 

@@ -24,18 +24,10 @@ from kvcluster.client.policies import (
     RetryPolicy,
     TokenAwarePolicy,
 )
+from kvcluster.net.grpc_options import CHANNEL_OPTIONS
 from kvcluster.wire.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 T = TypeVar("T")
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.enable_retries", 0),
-]
 
 
 class _Sticky:

@@ -18,22 +18,13 @@ import grpc
 
 from kvcluster import errors
 from kvcluster.net import codec
+from kvcluster.net.grpc_options import CHANNEL_OPTIONS
 from kvcluster.net.transport import Handler, NodeId, TransportError
 from kvcluster.wire.v1 import internal_pb2, internal_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 FROM_KEY = "kvcluster-from"
-
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    # Reconnect quickly once a restarted peer is back.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.enable_retries", 0),
-]
 
 
 class GrpcTransport:
@@ -55,7 +46,7 @@ class GrpcTransport:
         self._stubs.pop(node, None)
         if old is not None:
             self._retired.append(old)  # in-flight calls finish; closed with the transport
-        channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._channels[node] = channel
         self._stubs[node] = internal_pb2_grpc.InternalStub(channel)
 

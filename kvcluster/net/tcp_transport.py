@@ -49,18 +49,19 @@ MAX_BUFFER = 32 * 1024 * 1024
 
 def peer_address(address: str, offset: int) -> str:
     """``host:port`` -> ``host:(port + offset)``: where that node's messaging listens."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"not a host:port address: {address!r}")
-    moved = int(port) + offset
+    host, port = _split(address)
+    moved = port + offset
     if not 0 < moved < 65536:
         raise ValueError(f"{address} moved by {offset} is not a valid port")
     return f"{host}:{moved}"
 
 
 def _split(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); an IPv6 host keeps its brackets."""
     host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
+    if not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host, int(port)
 
 
 class _Connection(asyncio.Protocol):
@@ -72,6 +73,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._decoder = codec.stream_decoder(MAX_FRAME)
         self._out: list[bytes] = []
+        self._out_bytes = 0  # sum of len(b) for b in _out
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
 
@@ -93,6 +95,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._out.clear()
+        self._out_bytes = 0
 
     # -- for subclasses -----------------------------------------------------------
 
@@ -102,13 +105,14 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         """Queue an encoded frame; frames queued in one loop turn go out in one write."""
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def buffered(self) -> int:
         pending = self.transport.get_write_buffer_size() if self.transport else 0
-        return pending + sum(len(b) for b in self._out)
+        return pending + self._out_bytes
 
     def abort(self) -> None:
         self.closed = True
@@ -120,6 +124,7 @@ class _Connection(asyncio.Protocol):
         if self._out and not self.closed and self.transport is not None:
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
             self._out.clear()
+            self._out_bytes = 0
             self.transport.write(data)
 
 
@@ -213,7 +218,9 @@ class _Peer:
     async def _dial(self) -> _ClientConnection:
         host, port = _split(self.address)
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(lambda: _ClientConnection(self.node), host, port)
+        _, conn = await loop.create_connection(
+            lambda: _ClientConnection(self.node), host.strip("[]"), port
+        )
         conn.send(codec.encode((HELLO, self._owner.node_id)))
         self._conn = conn
         return conn
@@ -323,7 +330,7 @@ class TcpServer:
         host, port = _split(address)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self), host, port, reuse_address=True
+            lambda: _ServerConnection(self), host.strip("[]"), port, reuse_address=True
         )
 
     @property

@@ -27,6 +27,7 @@ from kvcluster import errors
 from kvcluster.clock import SystemClock
 from kvcluster.metrics import Metrics
 from kvcluster.net.faults import FaultState, FaultyTransport
+from kvcluster.net.grpc_options import SERVER_OPTIONS
 from kvcluster.net.grpc_transport import GrpcTransport, InternalService
 from kvcluster.net.tcp_transport import TcpServer, TcpTransport, peer_address
 from kvcluster.net.transport import Transport
@@ -38,11 +39,6 @@ from kvcluster.wire.v1 import admin_pb2, admin_pb2_grpc, internal_pb2_grpc, kv_p
 
 log = logging.getLogger("kvcluster.node")
 
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
-]
 SHUTDOWN_GRACE = 5.0
 
 

@@ -153,21 +153,23 @@ class KVService(kv_pb2_grpc.KVServicer):
         replies: asyncio.Queue[kv_pb2.StreamResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
+        handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            "get": self._get,
+            "put": self._put,
+            "delete": self._delete,
+        }
+
         async def serve(req: kv_pb2.StreamRequest) -> None:
             op = req.WhichOneof("op")
-            result: Any
-            if op == "get":
-                result = await self._outcome("get", lambda: self._get(req.get))
-            elif op == "put":
-                result = await self._outcome("put", lambda: self._put(req.put))
-            elif op == "delete":
-                result = await self._outcome("delete", lambda: self._delete(req.delete))
-            else:
-                result = errors.InvalidArgument("stream request without an operation", "op")
+            if op is None:
+                err = errors.InvalidArgument("stream request without an operation", "op")
+                replies.put_nowait(kv_pb2.StreamResponse(id=req.id, error=error_item(err)))
+                return
+            result = await self._outcome(op, lambda: handlers[op](getattr(req, op)))
             if isinstance(result, errors.KVError):
                 replies.put_nowait(kv_pb2.StreamResponse(id=req.id, error=error_item(result)))
             else:
-                replies.put_nowait(kv_pb2.StreamResponse(id=req.id, **{op: result}))  # type: ignore[arg-type]
+                replies.put_nowait(kv_pb2.StreamResponse(id=req.id, **{op: result}))
 
         async def read() -> None:
             loop = asyncio.get_running_loop()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import grpc
 import pytest
 
 from kvcluster import AsyncClient, errors
 from kvcluster.cli import dev
 from kvcluster.client.policies import AllowListPolicy
+from kvcluster.wire.v1 import kv_pb2, kv_pb2_grpc
 from tests.integration.conftest import Cluster, StartCluster
 
 pytestmark = pytest.mark.integration
@@ -125,3 +127,30 @@ def test_nodes_can_talk_over_grpc_instead_of_tcp(start_cluster: StartCluster) ->
         port = int(state.address.rsplit(":", 1)[1]) + 2000
         with socket.socket() as sock:  # nothing listens on the TCP peer port
             assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_by_default_nodes_listen_for_peers_on_the_offset_port(trio: Cluster) -> None:
+    for node_id in trio.ids:
+        port = int(trio.address(node_id).rsplit(":", 1)[1]) + 2000
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the TCP peer transport accepts
+
+
+def test_a_stream_request_without_an_operation_gets_an_error_reply(trio: Cluster) -> None:
+    async def scenario() -> list[kv_pb2.StreamResponse]:
+        async with grpc.aio.insecure_channel(trio.addresses[0]) as channel:
+            call = kv_pb2_grpc.KVStub(channel).Stream(
+                iter(
+                    [
+                        kv_pb2.StreamRequest(id=7),
+                        kv_pb2.StreamRequest(id=8, get=kv_pb2.GetRequest(key=b"pipe/none")),
+                    ]
+                )
+            )
+            return [reply async for reply in call]
+
+    replies = sorted(asyncio.run(scenario()), key=lambda r: r.id)
+    assert [r.id for r in replies] == [7, 8]
+    assert replies[0].WhichOneof("result") == "error"
+    assert replies[0].error.kind == "invalid_argument"
+    assert replies[1].WhichOneof("result") == "get" and not replies[1].get.found

@@ -342,14 +342,3 @@ def test_node_command_help_lists_every_setting() -> None:
     for f in cfg.FIELDS:
         assert cfg.flag_name(f.name) in result.output
         assert cfg.env_name(f.name) in result.output
-
-
-def test_peer_port_offset() -> None:
-    assert load().peer_port_offset == 2000
-    assert load({"peer_port_offset": "0"}).peer_port_offset == 0  # over gRPC instead
-    assert load({"listen": "127.0.0.1:7101", "peer_port_offset": "5"}).peer_port_offset == 5
-    for bad in ("-1", "60000"):
-        with pytest.raises(cfg.ConfigError, match="peer_port_offset"):
-            load({"listen": "127.0.0.1:7101", "peer_port_offset": bad})
-    with pytest.raises(cfg.ConfigError, match="metrics port"):
-        load({"listen": "127.0.0.1:7101", "peer_port_offset": "1000"})

@@ -82,6 +82,17 @@ async def failure(call: Awaitable[Any]) -> tuple[TransportError, float]:
     return info.value, loop.time() - start
 
 
+def stuck_handler() -> tuple[asyncio.Event, Callable[[str, Any], Awaitable[Any]]]:
+    """A handler that never answers, and the event it sets once a request reached it."""
+    entered = asyncio.Event()
+
+    async def stuck(src: str, msg: Any) -> Any:
+        entered.set()
+        await asyncio.Event().wait()
+
+    return entered, stuck
+
+
 async def until(condition: Callable[[], bool]) -> None:
     """Let the loop run until ``condition`` holds (the hang guard bounds it)."""
     while not condition():  # noqa: ASYNC110 (the state polled has no event to wait on)
@@ -605,12 +616,7 @@ def test_restart_right_after_the_drop_is_noticed_reconnects() -> None:
 
 def test_a_dropped_connection_fails_pending_calls_at_once() -> None:
     async def scenario() -> None:
-        entered = asyncio.Event()
-
-        async def stuck(src: str, msg: Any) -> Any:
-            entered.set()
-            await asyncio.Event().wait()
-
+        entered, stuck = stuck_handler()
         server = await start_server(stuck)
         transport = transport_to(server.port)
         call = asyncio.ensure_future(failure(transport.call("peer", Ping(1), LONG)))
@@ -629,12 +635,7 @@ def test_a_dropped_connection_fails_pending_calls_at_once() -> None:
 
 def test_closing_the_transport_fails_pending_calls_at_once() -> None:
     async def scenario() -> None:
-        entered = asyncio.Event()
-
-        async def stuck(src: str, msg: Any) -> Any:
-            entered.set()
-            await asyncio.Event().wait()
-
+        entered, stuck = stuck_handler()
         server = await start_server(stuck)
         transport = transport_to(server.port)
         call = asyncio.ensure_future(failure(transport.call("peer", Ping(1), LONG)))
