@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcluster.node.settings import NodeSettings
+from kvcluster.storage import lmdb_store
 
 ENV_PREFIX = "KVCLUSTER_"
 
@@ -77,8 +78,16 @@ _NODE_FIELDS = [
     Field(
         "max_pending_writes",
         int,
-        50_000,
+        lmdb_store.DEFAULT_MAX_PENDING,
         "Writes queued for the disk before new ones are rejected.",
+    ),
+    Field(
+        "commit_window",
+        float,
+        lmdb_store.DEFAULT_COMMIT_WINDOW,
+        "Group commit: when writes are concurrent, seconds a busy disk writer waits so "
+        "that more of them share one synced commit; a lone client's writes never wait. "
+        "0 = never wait.",
     ),
 ]
 
@@ -136,6 +145,7 @@ class Config:
     log_level: str
     map_size_mb: int
     max_pending_writes: int
+    commit_window: float
     settings: NodeSettings
 
 
@@ -289,6 +299,10 @@ def _build(v: dict[str, Any], sources: dict[str, str]) -> Config:
         raise fail("map_size_mb", "must be at least 1")
     if v["max_pending_writes"] < 1:
         raise fail("max_pending_writes", "must be at least 1")
+    try:
+        lmdb_store.check_commit_window(v["commit_window"])
+    except ValueError as exc:
+        raise fail("commit_window", str(exc).partition(": ")[2]) from None
     settings = NodeSettings(**{f.name: v[f.name] for f in fields(NodeSettings)})
     try:
         settings.validate()
@@ -306,6 +320,7 @@ def _build(v: dict[str, Any], sources: dict[str, str]) -> Config:
         log_level=v["log_level"].lower(),
         map_size_mb=v["map_size_mb"],
         max_pending_writes=v["max_pending_writes"],
+        commit_window=v["commit_window"],
         settings=settings,
     )
 

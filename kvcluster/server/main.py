@@ -50,6 +50,7 @@ async def serve(config: cfg.Config, ready: asyncio.Event | None = None) -> None:
         config.data_dir,
         map_size=config.map_size_mb * 1024 * 1024,
         max_pending=config.max_pending_writes,
+        commit_window=config.commit_window,
     )
     metrics = Metrics(config.node_id)
     clock = SystemClock()

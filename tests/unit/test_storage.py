@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -64,8 +65,12 @@ class Harness:
         max_batch: int = 1024,
         map_size: int = 64 << 20,
         capacity: int | None = None,
+        commit_window: float = 0.002,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.kind = kind
+        self.commit_window = commit_window
+        self.sleep = sleep
         self.path = path
         self.max_pending = max_pending
         self.max_batch = max_batch
@@ -81,6 +86,8 @@ class Harness:
                 map_size=self.map_size,
                 max_pending=self.max_pending,
                 max_batch=self.max_batch,
+                commit_window=self.commit_window,
+                sleep=self.sleep,
             )
         return MemoryStorage(
             delay=self._delay, max_pending=self.max_pending, capacity_bytes=self.capacity
@@ -728,6 +735,104 @@ def test_lmdb_concurrent_writes_share_batches(tmp_path: Path, max_batch: int, ba
                 assert view.get(Table.DATA, b"k499") == b"v499"
 
     run(main())
+
+
+class RecordedSleep:
+    """Stands in for the writer's ``time.sleep``: records each wait and returns at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+def test_lmdb_writer_idle_longer_than_the_window_does_not_wait(tmp_path: Path) -> None:
+    """Commit window: even right after a concurrent batch, a write reaching a writer that
+    has been idle for longer than the window is committed at once."""
+
+    async def main() -> None:
+        slept = RecordedSleep()
+        async with harness("lmdb", tmp_path, commit_window=0.5, sleep=slept) as h:
+
+            async def gate_then_three() -> None:
+                async with h.held() as gate:
+                    writes = [
+                        start(h.store.write(put(Table.DATA, b"k%d" % i, b"v"))) for i in range(3)
+                    ]
+                    await asyncio.sleep(0)
+                await asyncio.gather(gate, *writes)
+
+            await gate_then_three()
+            assert slept.calls == [0.5]  # the three found the writer busy
+            await asyncio.sleep(0.6)  # idle for longer than the window
+            await gate_then_three()
+            # the second gate (after a batch of three, but an idle writer) did not wait;
+            # the three behind it did
+            assert slept.calls == [0.5, 0.5]
+            assert h.store.stats().batches == 4
+
+    run(main())
+
+
+def test_lmdb_writes_one_at_a_time_never_wait(tmp_path: Path) -> None:
+    """A lone client (each write awaited before the next) is never delayed, however fast."""
+
+    async def main() -> None:
+        slept = RecordedSleep()
+        async with harness("lmdb", tmp_path, commit_window=0.9, sleep=slept) as h:
+            for i in range(20):
+                await h.store.write(put(Table.DATA, b"k%d" % i, b"v"))
+            assert slept.calls == []
+            assert h.store.stats().batches == 20
+
+    run(main())
+
+
+def test_lmdb_busy_writer_waits_the_window_to_gather_a_batch(tmp_path: Path) -> None:
+    """Writes queued while a batch commits make the writer wait ``commit_window`` once,
+    then commit together."""
+
+    async def main() -> None:
+        slept = RecordedSleep()
+        async with harness("lmdb", tmp_path, commit_window=0.9, sleep=slept) as h:
+            before = h.store.stats()
+            async with h.held() as gate:
+                tasks = [start(h.store.write(put(Table.DATA, b"k%d" % i, b"v"))) for i in range(5)]
+                await asyncio.sleep(0)
+            await asyncio.gather(gate, *tasks)
+            # The gate reached an idle writer (no wait); the five found it busy.
+            assert slept.calls == [0.9]
+            assert h.store.stats().batches - before.batches == 2
+
+    run(main())
+
+
+@pytest.mark.parametrize(("window", "max_batch"), [(0.0, 1024), (0.9, 5)])
+def test_lmdb_writer_does_not_wait_with_no_window_or_a_full_batch(
+    tmp_path: Path, window: float, max_batch: int
+) -> None:
+    async def main() -> None:
+        slept = RecordedSleep()
+        async with harness(
+            "lmdb", tmp_path, commit_window=window, max_batch=max_batch, sleep=slept
+        ) as h:
+            async with h.held() as gate:
+                tasks = [start(h.store.write(put(Table.DATA, b"k%d" % i, b"v"))) for i in range(5)]
+                await asyncio.sleep(0)
+            await asyncio.gather(gate, *tasks)
+            assert slept.calls == []
+            with h.store.read() as view:
+                assert len(items(view)) == 5
+
+    run(main())
+
+
+@pytest.mark.parametrize("window", [-0.001, 1.5])
+def test_lmdb_commit_window_out_of_range_is_refused(tmp_path: Path, window: float) -> None:
+    with pytest.raises(ValueError, match="commit_window"):
+        LmdbStorage.open(tmp_path / "db", commit_window=window)
+    assert not (tmp_path / "db").exists()
 
 
 def test_lmdb_unqueued_concurrent_writes_all_complete(tmp_path: Path) -> None:
