@@ -119,20 +119,20 @@ class LocalReplica:
             out: list[tuple[bytes, Record, list[int]] | errors.KVError] = []
             for event, new, hinted in prepared:
                 pkey = event.pkey
-                stored = store.read_stored(view, pkey)
+                raw = view.get(Table.DATA, pkey)
                 try:
                     local: Record = (
-                        dvvset.empty() if stored is None else decode_record(stored.record)
+                        dvvset.empty() if raw is None else decode_record(store.stored_record(raw))
                     )
                 except CorruptRecord as exc:
                     out.append(errors.Internal(f"stored record of {pkey!r} is corrupt: {exc}"))
                     continue
-                epoch = store.next_actor_epoch(view) if stored is None else stored.epoch
+                epoch = store.next_actor_epoch(view) if raw is None else store.stored_epoch(raw)
                 updated = dvvset.update_with(new, local, store.actor_name(incarnation, epoch))
                 if lww:
                     updated = dvvset.lww(updated, _newest)
                 record = encode_record(updated)
-                store.write_record(view, pkey, record, epoch)
+                store.replace_record(view, pkey, raw, record, epoch)
                 added = [_put_hint(view, target, pkey, now_ms) for target in hinted]
                 out.append((record, updated, added))
             return out
@@ -227,14 +227,15 @@ class LocalReplica:
 def merge_into(view: WriteView, pkey: bytes, incoming: bytes) -> bool:
     """Sync ``incoming`` into the stored record; True if the stored bytes changed."""
     theirs = decode_record(incoming)
-    current = store.read_record(view, pkey)
+    raw = view.get(Table.DATA, pkey)
+    current = None if raw is None else store.stored_record(raw)
     if current == incoming:
         return False
     merged = theirs if current is None else dvvset.sync(decode_record(current), theirs)
     record = encode_record(merged)
     if record == current:
         return False
-    store.write_record(view, pkey, record)
+    store.replace_record(view, pkey, raw, record)
     return True
 
 

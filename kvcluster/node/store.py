@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from kvcluster.core import merkle
 from kvcluster.core.hashing import key_hash
@@ -50,29 +49,20 @@ META_AGREEMENT = b"agreement"
 SEGMENTS = merkle.DEFAULT_SEGMENTS
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """A DATA value: the local actor epoch and the replicated record bytes."""
+def stored_epoch(raw: bytes) -> int:
+    """The actor epoch of a raw DATA value."""
+    epoch: int = _EPOCH.unpack_from(raw)[0]
+    return epoch
 
-    epoch: int
-    record: bytes
 
-    def encode(self) -> bytes:
-        return _EPOCH.pack(self.epoch) + self.record
-
-    @staticmethod
-    def decode(raw: bytes) -> Stored:
-        return Stored(_EPOCH.unpack_from(raw)[0], raw[_EPOCH.size :])
+def stored_record(raw: bytes) -> bytes:
+    """The record bytes of a raw DATA value."""
+    return raw[_EPOCH.size :]
 
 
 def read_record(view: ReadView, pkey: bytes) -> bytes | None:
     raw = view.get(Table.DATA, pkey)
-    return None if raw is None else raw[_EPOCH.size :]
-
-
-def read_stored(view: ReadView, pkey: bytes) -> Stored | None:
-    raw = view.get(Table.DATA, pkey)
-    return None if raw is None else Stored.decode(raw)
+    return None if raw is None else stored_record(raw)
 
 
 def next_actor_epoch(view: WriteView) -> int:
@@ -96,15 +86,22 @@ def write_record(view: WriteView, pkey: bytes, record: bytes | None, epoch: int 
 
     ``epoch`` is used only when the key is new locally; 0 means "allocate one".
     """
-    old = view.get(Table.DATA, pkey)
-    old_record = None if old is None else old[_EPOCH.size :]
+    replace_record(view, pkey, view.get(Table.DATA, pkey), record, epoch)
+
+
+def replace_record(
+    view: WriteView, pkey: bytes, old: bytes | None, record: bytes | None, epoch: int = 0
+) -> None:
+    """:func:`write_record` for a caller that has just read ``old``, the key's raw
+    DATA value in this same write (saves reading it again on the hot path)."""
+    old_record = None if old is None else stored_record(old)
     if old_record == record:
         return
     if record is None:
         view.delete(Table.DATA, pkey)
     else:
         if old is not None:
-            epoch = _EPOCH.unpack_from(old)[0]
+            epoch = stored_epoch(old)
         elif epoch == 0:
             epoch = next_actor_epoch(view)
         view.put(Table.DATA, pkey, _EPOCH.pack(epoch) + record)
@@ -115,8 +112,7 @@ def _update_segment(
     view: WriteView, pkey: bytes, old_record: bytes | None, new_record: bytes | None
 ) -> None:
     partition = int.from_bytes(pkey[:2], "big")
-    segment = merkle.segment_of(key_hash(pkey[2:]), SEGMENTS)
-    skey = segment_key(partition, segment)
+    skey = segment_key(partition, merkle.segment_of(key_hash(pkey[2:]), SEGMENTS))
     raw = view.get(Table.MERKLE, skey)
     current = int.from_bytes(raw, "big") if raw else 0
     updated = merkle.segment_after(current, pkey, old_record, new_record)

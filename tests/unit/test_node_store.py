@@ -250,6 +250,8 @@ def test_rebuild_merkle_repairs_a_corrupted_table_and_counts_the_segments() -> N
 def test_rebuild_merkle_of_a_correct_or_empty_partition_changes_nothing() -> None:
     storage = MemoryStorage()
     _fill(storage, 5, 6)
+    with storage.read() as view:
+        before = (list(view.scan(Table.DATA)), segment_table(view))
 
     async def scenario() -> tuple[int, int]:
         return (
@@ -258,6 +260,9 @@ def test_rebuild_merkle_of_a_correct_or_empty_partition_changes_nothing() -> Non
         )
 
     assert run(scenario()) == (0, 0)
+    with storage.read() as view:
+        assert (list(view.scan(Table.DATA)), segment_table(view)) == before
+    assert_tree_matches_data(storage, (5, 7))
 
 
 def test_rebuild_merkle_drops_segments_of_data_that_is_gone() -> None:
@@ -353,9 +358,9 @@ def actors(replica: LocalReplica, pkey: bytes) -> list[tuple[str, int]]:
 
 def stored_epoch(replica: LocalReplica, pkey: bytes) -> int:
     with replica.storage.read() as view:
-        s = store.read_stored(view, pkey)
-    assert s is not None
-    return s.epoch
+        raw = view.get(Table.DATA, pkey)
+    assert raw is not None
+    return store.stored_epoch(raw)
 
 
 def coordinate(
