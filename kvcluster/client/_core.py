@@ -209,6 +209,11 @@ def translate(exc: grpc.RpcError, address: str) -> Exception:
         return NodeFailure(address, "no answer before the deadline", sent=True)
     if code == grpc.StatusCode.CANCELLED:
         return NodeFailure(address, "call cancelled", sent=True)
+    if code == grpc.StatusCode.INTERNAL:
+        # A node's own internal errors always carry the error metadata above, so a
+        # bare INTERNAL is gRPC's: e.g. grpc.aio's "Internal error from Core" when a
+        # write meets a stream whose connection just died. Maybe applied.
+        return NodeFailure(address, f"call failed ({details})", sent=True)
     name = code.name if code is not None else "UNKNOWN"
     return errors.KVError(f"{address}: {name}: {details}")
 
