@@ -30,18 +30,19 @@ import asyncio
 import importlib
 import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from kvcluster import AsyncClient, errors
+from kvcluster import AsyncClient, ReadResult, WriteResult, errors
 from kvcluster.net.grpc_options import MAX_MESSAGE_BYTES
 
 #: etcd's default --max-txn-ops: the most operations one Txn may hold.
 ETCD_MAX_TXN_OPS = 128
-#: Same message size limits as the kvcluster client.
+#: Same message size limits as the kvcluster client (kvcluster.net.grpc_options), but
+#: gRPC's default reconnect backoff and retries: the rest of that list is kvcluster's policy.
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -61,8 +62,6 @@ class DriverSpec:
 
 class Driver(abc.ABC):
     """One client connection set to the system under test."""
-
-    name = "?"
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect (optional: both clients also connect lazily)."""
@@ -94,8 +93,6 @@ class Driver(abc.ABC):
 
 
 class KvclusterDriver(Driver):
-    name = "kvcluster"
-
     def __init__(self, spec: DriverSpec) -> None:
         self.client = AsyncClient(
             list(spec.endpoints),
@@ -114,42 +111,43 @@ class KvclusterDriver(Driver):
     def _context(self, key: bytes) -> bytes | None:
         return None if self.blind else self.contexts.get(key)
 
-    async def read(self, key: bytes) -> int:
-        result = await self.client.get(key)
-        if result.found:
+    def _remember(self, key: bytes, result: ReadResult | WriteResult) -> None:
+        """Keep the context of a write, or of a read that found the key, for the next update."""
+        if isinstance(result, WriteResult) or result.found:
             self.contexts[key] = result.context
-        return len(result.values)
 
-    async def update(self, key: bytes, value: bytes) -> None:
-        written = await self.client.put(key, value, context=self._context(key))
-        self.contexts[key] = written.context
-
-    async def rmw(self, key: bytes, value: bytes) -> bool:
-        seen = await self.client.get(key)
-        context = seen.context if seen.found else None
-        written = await self.client.put(key, value, context=context)
-        self.contexts[key] = written.context
-        return True
-
-    async def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
-        results = await self.client.put_many([(k, v, self._context(k)) for k, v in items])
-        failed = 0
-        for (key, _), result in zip(items, results, strict=True):
-            if isinstance(result, errors.KVError):
-                failed += 1
-            else:
-                self.contexts[key] = result.context
-        return failed
-
-    async def get_many(self, keys: Sequence[bytes]) -> int:
-        results = await self.client.get_many(keys)
+    def _remember_all(
+        self, keys: Iterable[bytes], results: Sequence[ReadResult | WriteResult | errors.KVError]
+    ) -> int:
+        """:meth:`_remember` every answered item of a batch; return how many failed."""
         failed = 0
         for key, result in zip(keys, results, strict=True):
             if isinstance(result, errors.KVError):
                 failed += 1
-            elif result.found:
-                self.contexts[key] = result.context
+            else:
+                self._remember(key, result)
         return failed
+
+    async def read(self, key: bytes) -> int:
+        result = await self.client.get(key)
+        self._remember(key, result)
+        return len(result.values)
+
+    async def update(self, key: bytes, value: bytes) -> None:
+        self._remember(key, await self.client.put(key, value, context=self._context(key)))
+
+    async def rmw(self, key: bytes, value: bytes) -> bool:
+        seen = await self.client.get(key)
+        context = seen.context if seen.found else None
+        self._remember(key, await self.client.put(key, value, context=context))
+        return True
+
+    async def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+        results = await self.client.put_many([(k, v, self._context(k)) for k, v in items])
+        return self._remember_all((k for k, _ in items), results)
+
+    async def get_many(self, keys: Sequence[bytes]) -> int:
+        return self._remember_all(keys, await self.client.get_many(keys))
 
 
 def load_etcd_stubs(stubs_dir: str) -> tuple[Any, Any]:
@@ -164,8 +162,6 @@ def load_etcd_stubs(stubs_dir: str) -> tuple[Any, Any]:
 class EtcdDriver(Driver):
     """etcd's v3 gRPC KV API, spreading calls round-robin over the members like clientv3."""
 
-    name = "etcd"
-
     def __init__(self, spec: DriverSpec) -> None:
         if spec.stubs_dir is None:
             raise ValueError("the etcd driver needs generated stubs (stubs_dir)")
@@ -173,15 +169,14 @@ class EtcdDriver(Driver):
         self.timeout = spec.timeout
         self.serializable = bool(spec.options.get("serializable", False))
         self.rmw_mode = str(spec.options.get("rmw", "txn"))
-        self.max_txn_ops = int(spec.options.get("max_txn_ops", ETCD_MAX_TXN_OPS))
         self.endpoints = spec.endpoints
         self._pb2_grpc = pb2_grpc
         self.channels: list[grpc.aio.Channel] = []
-        self.stubs: list[Any] = []
-        self._next = itertools.cycle(range(len(spec.endpoints)))
+        self._stubs: Iterator[Any] = iter(())
 
     def _kv(self) -> Any:
-        return self.stubs[next(self._next)]
+        """The next member's KV stub (round-robin)."""
+        return next(self._stubs)
 
     async def open(self) -> None:
         # Channels are made inside the running loop: grpc.aio binds a channel to its loop.
@@ -189,7 +184,7 @@ class EtcdDriver(Driver):
             grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             for address in self.endpoints
         ]
-        self.stubs = [self._pb2_grpc.KVStub(channel) for channel in self.channels]
+        self._stubs = itertools.cycle([self._pb2_grpc.KVStub(ch) for ch in self.channels])
         await asyncio.gather(*(ch.channel_ready() for ch in self.channels))
 
     async def close(self) -> None:
@@ -228,7 +223,8 @@ class EtcdDriver(Driver):
         return bool(resp.succeeded)
 
     async def _txns(self, ops: list[Any]) -> int:
-        chunks = [ops[i : i + self.max_txn_ops] for i in range(0, len(ops), self.max_txn_ops)]
+        step = ETCD_MAX_TXN_OPS
+        chunks = [ops[i : i + step] for i in range(0, len(ops), step)]
 
         async def one(chunk: list[Any]) -> int:
             try:

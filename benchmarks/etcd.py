@@ -23,7 +23,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from pathlib import Path
 import grpc
 
 from benchmarks.drivers import load_etcd_stubs
+from benchmarks.systems import keep_logs, port_free
+from kvcluster.cli.dev import tail
 
 PROTO_ROOT = Path(__file__).resolve().parent / "etcdpb"
 PROTO_FILES = ("mvccpb/kv.proto", "etcdserverpb/rpc.proto")
@@ -155,41 +156,19 @@ class EtcdCluster:
         return {m.name: m.pid for m in self.members if m.proc is not None}
 
 
-def port_free(port: int) -> bool:
-    """True if a server could listen on 127.0.0.1:port (TIME_WAIT leftovers do not count)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as etcd and grpc do
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _is_etcd(pid: int) -> bool:
-    try:
-        return b"etcd" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def stop(cluster: EtcdCluster, timeout: float = 10.0) -> None:
-    """Stop every member this cluster started (SIGTERM, then SIGKILL), by PID."""
-    running = [m for m in cluster.members if m.proc is not None and m.proc.poll() is None]
-    for member in running:
-        assert member.proc is not None
-        if _is_etcd(member.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                member.proc.send_signal(signal.SIGTERM)
-    for member in running:
-        assert member.proc is not None
+    """Stop every member this cluster started (SIGTERM, then SIGKILL), by PID.
+
+    Popen signals only a child it has not reaped, so a recycled PID is never signalled."""
+    running = [m.proc for m in cluster.members if m.proc is not None and m.proc.poll() is None]
+    for proc in running:
+        proc.terminate()
+    for proc in running:
         try:
-            member.proc.wait(timeout)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            member.proc.kill()
-            member.proc.wait(5.0)
+            proc.kill()
+            proc.wait(5.0)
 
 
 def wait_ready(cluster: EtcdCluster, stubs_dir: str, timeout: float = 30.0) -> None:
@@ -200,7 +179,7 @@ def wait_ready(cluster: EtcdCluster, stubs_dir: str, timeout: float = 30.0) -> N
     while pending and time.monotonic() < end:
         for member in list(pending):
             if member.proc is not None and member.proc.poll() is not None:
-                raise EtcdError(f"etcd member {member.name} exited:\n{_tail(member.log)}")
+                raise EtcdError(f"etcd member {member.name} exited:\n{tail(str(member.log), 10)}")
             with grpc.insecure_channel(member.endpoint) as channel:
                 try:
                     status = pb2_grpc.MaintenanceStub(channel).Status(
@@ -219,15 +198,8 @@ def wait_ready(cluster: EtcdCluster, stubs_dir: str, timeout: float = 30.0) -> N
         names = ", ".join(m.name for m in pending)
         raise EtcdError(
             f"etcd {names} not ready after {timeout:g}s:\n"
-            + "\n".join(_tail(m.log) for m in pending)
+            + "\n".join(tail(str(m.log), 10) for m in pending)
         )
-
-
-def _tail(path: Path, lines: int = 10) -> str:
-    try:
-        return "\n".join("  " + s for s in path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"  ({path} missing)"
 
 
 @contextlib.contextmanager
@@ -298,10 +270,6 @@ def etcd_cluster(
     finally:
         try:
             stop(cluster)
-            if logs_to is not None:
-                logs_to.mkdir(parents=True, exist_ok=True)
-                for m in cluster.members:
-                    with contextlib.suppress(OSError):
-                        shutil.copyfile(m.log, logs_to / f"{log_prefix}etcd-{m.name}.log")
+            keep_logs({f"{log_prefix}etcd-{m.name}.log": m.log for m in cluster.members}, logs_to)
         finally:
             shutil.rmtree(directory, ignore_errors=True)

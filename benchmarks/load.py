@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import report
 from benchmarks.drivers import DriverSpec
 from benchmarks.suite import run_phases
-from benchmarks.systems import (
-    fsync_latency_ms,
-    kvcluster_cluster,
-    kvcluster_external,
-    machine_description,
-)
+from benchmarks.systems import kvcluster_system, machine_summary, stop_on_sigterm
 from benchmarks.workloads import Phase
 from benchmarks.zipf import DISTRIBUTIONS
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM: unwind through the finally blocks that stop clusters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not levels or min(levels) < 1:
         print("load: --concurrency must list positive integers", file=sys.stderr)
@@ -87,17 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         phases.append(Phase(name=f"put c={c}", kind="put", **common))
         phases.append(Phase(name=f"get c={c}", kind="get", **common))
     console = report.console()
-    machine = f"{machine_description()}; disk fdatasync(4 KiB) p50 {fsync_latency_ms():.2f} ms"
+    machine = machine_summary()
     console.print(f"machine: {machine}")
     runs: list[dict[str, Any]] = []
     try:
         for rep in range(1, args.repeat + 1):
-            manager = (
-                kvcluster_external(args.nodes.split(","))
-                if args.nodes
-                else kvcluster_cluster(args.cluster_nodes, args.base_port)
-            )
-            with manager as system:
+            with kvcluster_system(args.nodes, args.cluster_nodes, args.base_port) as system:
                 console.print(f"[bold]run {rep}/{args.repeat}: {system.description}[/]")
                 spec = DriverSpec("kvcluster", tuple(system.endpoints), timeout=args.timeout)
                 results = run_phases(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.systems import RunningSystem
+from benchmarks.systems import RunningSystem, stat_cpu_seconds
 from benchmarks.workloads import Phase
 
 DEFAULT_PY_SPY = ("py-spy", "/tmp/pyspy-venv/bin/py-spy")
@@ -130,6 +129,14 @@ class PySpyHook:
                     proc.wait(5.0)
         self._procs = []
 
+    def write_summaries(self) -> None:
+        """``<node>.summary.txt`` for every recorded node and ``all-nodes.summary.txt``."""
+        raws = [raw for raw in self.outputs if raw.exists()]
+        for raw in raws:
+            write_summary(raw)
+        if raws:
+            write_summary(merge_raw(raws, self.out_dir / "all-nodes.txt"), top=40)
+
 
 def thread_names(pid: int) -> dict[int, str]:
     """OS thread names (``comm``) of ``pid``'s threads: grpc's C threads name themselves."""
@@ -144,12 +151,11 @@ def thread_names(pid: int) -> dict[int, str]:
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """User+system CPU seconds of every thread of ``pid`` (from /proc/<pid>/task)."""
     out: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+            cpu = stat_cpu_seconds(task / "stat")
+            if cpu is not None:
+                out[int(task.name)] = cpu
     return out
 
 
@@ -284,11 +290,15 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def write_summary(raw: Path, top: int = 25) -> None:
+    """:func:`render` of :func:`summarise` next to ``raw``, as ``<raw stem>.summary.txt``."""
+    raw.with_suffix(".summary.txt").write_text(render(summarise(raw, top)) + "\n")
+
+
 def merge_raw(paths: Iterable[Path], out: Path) -> Path:
     """Concatenate several collapsed-stack files (e.g. all nodes) into one."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as dst:
         for p in paths:
-            if p.exists():
-                dst.write(p.read_text(errors="replace"))
+            dst.write(p.read_text(errors="replace"))
     return out

@@ -31,14 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `kvcluster` importable from the repo
+if __package__ in (None, ""):  # run as a script: make `benchmarks`, `kvcluster` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.systems import stop_on_sigterm
 from kvcluster import Client, errors
 from kvcluster.cli import dev
 from kvcluster.client import AllowListPolicy
@@ -62,7 +63,7 @@ class Deadline:
             raise TimeoutError(f"the benchmark ran out of its {self.seconds:g}s budget")
         return left
 
-    def wait(self, what: str, predicate: Any) -> None:
+    def wait(self, what: str, predicate: Callable[[], bool]) -> None:
         while not predicate():
             if self.left() <= 0.1:
                 raise TimeoutError(f"gave up waiting for {what}")
@@ -222,10 +223,6 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM: unwind through the finally that stops the cluster
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=50_000)
@@ -237,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.differ <= 1 or args.keys < 1:
         parser.error("need --keys >= 1 and 0 < --differ <= 1")
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     directory = Path(tempfile.mkdtemp(prefix="kvcluster-repair-cost-"))
     try:
         result = run(args, directory)

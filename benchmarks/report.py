@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import hist
+from benchmarks.workloads import BATCH_KINDS
 
-BATCH_KINDS = ("put_many", "get_many")
+Summary = dict[str, dict[str, dict[str, Any]]]  # system -> phase -> medians (see summarise)
 
 
 def console() -> Console:
@@ -56,6 +57,28 @@ def one_line(result: dict[str, Any]) -> str:
     )
 
 
+def _table(title: str, cols: Sequence[str], left: Sequence[str] = ("phase",)) -> Table:
+    """A table with these columns, right-aligned but for the ``left`` ones."""
+    table = Table(title=title)
+    for col in cols:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+def _stats(phases: dict[str, dict[str, Any]], phase: str, op: str = "all") -> dict[str, Any]:
+    """One system's medians for ``op`` in ``phase`` (empty if it did not run it)."""
+    stats: dict[str, Any] = phases.get(phase, {}).get("ops", {}).get(op) or {}
+    return stats
+
+
+def _phase_names(summary: Summary, systems: Sequence[str]) -> list[str]:
+    """Every phase any of ``systems`` ran, in run order."""
+    phases: list[str] = []
+    for s in systems:
+        phases += [p for p in summary[s] if p not in phases]
+    return phases
+
+
 def _coord(server: dict[str, Any] | None) -> str:
     """Coordinator-side p50/p99 (ms) from the nodes' metrics, for the busiest op."""
     if not server:
@@ -73,13 +96,11 @@ def _mode(result: dict[str, Any]) -> str:
 def load_table(results: Sequence[dict[str, Any]]) -> Table:
     """benchmarks.load's table: one row per phase (put / get at each concurrency)."""
     mode = _mode(results[0]) if results else ""
-    table = Table(title=f"kvcluster put/get{mode} (latency in ms)")
     cols = (
         "phase", "calls", "ops/s", "p50", "p99", "p999", "max", "errors", "coord p50/p99",
         "srv CPU ms/op net",
     )  # fmt: skip
-    for col in cols:
-        table.add_column(col, justify="left" if col == "phase" else "right")
+    table = _table(f"kvcluster put/get{mode} (latency in ms)", cols)
     for r in results:
         a = r["all"]
         table.add_row(
@@ -100,14 +121,12 @@ def load_table(results: Sequence[dict[str, Any]]) -> Table:
 def load_summary_table(phases: dict[str, dict[str, Any]]) -> Table:
     """benchmarks.load's table over repetitions: medians per phase."""
     reps = max((e["reps"] for e in phases.values()), default=1)
-    table = Table(title=f"kvcluster put/get (latency in ms): median of {reps} runs")
-    table.caption = "open loop" if any(e.get("open_loop") for e in phases.values()) else None
     cols = (
         "phase", "ops/s", "p50", "p99", "p999", "errors", "coord p50/p99", "srv CPU ms/op net",
         "runs ops/s",
     )  # fmt: skip
-    for col in cols:
-        table.add_column(col, justify="left" if col == "phase" else "right")
+    table = _table(f"kvcluster put/get (latency in ms): median of {reps} runs", cols)
+    table.caption = "open loop" if any(e.get("open_loop") for e in phases.values()) else None
     for name, e in phases.items():
         a = e["ops"]["all"]
         table.add_row(
@@ -137,13 +156,12 @@ def op_rate(result: dict[str, Any], op: str) -> float:
     if op == "all":
         return rate(result)
     count = result["ops"][op]["count"]
-    scale = result["batch_size"] if result["kind"] in BATCH_KINDS else 1
-    return float(count * scale / result["window_s"])
+    return float(count * result["batch_size"] / result["window_s"])  # batch_size is 1 unless batch
 
 
-def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+def summarise(runs: Sequence[dict[str, Any]]) -> Summary:
     """system -> phase -> {op -> medians over repetitions} (plus merged histograms)."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
+    out: Summary = {}
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     order: list[str] = []
     for run in runs:
@@ -191,9 +209,7 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
         )
         entry["rates"] = [rate(r) for r in results]
         entry["histogram"] = hist.encode(
-            hist.merge(
-                hist.decode(r["histograms"][op].encode()) for r in results for op in r["histograms"]
-            )
+            hist.merge_encoded(h.encode() for r in results for h in r["histograms"].values())
         ).decode()
         out.setdefault(system, {})[phase] = entry
     # keep phases in run order
@@ -206,28 +222,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def comparison_table(
-    summary: dict[str, dict[str, dict[str, Any]]], base: str = "kvcluster", other: str = "etcd"
-) -> Table:
+def comparison_table(summary: Summary, base: str = "kvcluster", other: str = "etcd") -> Table:
     """Medians per phase and op for each system, and base/other ratios."""
     systems = [s for s in (base, other) if s in summary] or list(summary)
     reps = max((e["reps"] for s in systems for e in summary[s].values()), default=1)
-    table = Table(
-        title=f"throughput (ops/s; keys/s for batches) and latency (ms): median of {reps} run(s)"
-    )
-    table.add_column("phase")
-    table.add_column("op")
-    for s in systems:
-        for col in ("ops/s", "p50", "p99", "p999"):
-            table.add_column(f"{s}\n{col}", justify="right")
+    cols = ["phase", "op"] + [f"{s}\n{c}" for s in systems for c in ("ops/s", "p50", "p99", "p999")]
     compare = base in summary and other in summary
     if compare:
-        for col in ("thr", "p50", "p99"):
-            table.add_column(f"{base}/{other}\n{col}", justify="right")
-    phases: list[str] = []
-    for s in systems:
-        phases += [p for p in summary[s] if p not in phases]
-    for phase in phases:
+        cols += [f"{base}/{other}\n{c}" for c in ("thr", "p50", "p99")]
+    table = _table(
+        f"throughput (ops/s; keys/s for batches) and latency (ms): median of {reps} run(s)",
+        cols,
+        left=("phase", "op"),
+    )
+    for phase in _phase_names(summary, systems):
         ops: list[str] = []
         for s in systems:
             ops += [o for o in summary[s].get(phase, {}).get("ops", {}) if o not in ops]
@@ -235,10 +243,8 @@ def comparison_table(
             ops = ["all"]
         for op in ops:
             row = [phase if op == "all" else "", op]
-            cells: dict[str, dict[str, Any]] = {}
+            cells = {s: _stats(summary[s], phase, op) for s in systems}
             for s in systems:
-                c = summary[s].get(phase, {}).get("ops", {}).get(op)
-                cells[s] = c or {}
                 row += [
                     _fmt(cells[s].get("rate"), 0),
                     _fmt(cells[s].get("p50_ms")),
@@ -256,16 +262,16 @@ def comparison_table(
     return table
 
 
-def cpu_table(summary: dict[str, dict[str, dict[str, Any]]]) -> Table:
-    table = Table(
-        title="CPU per call in ms (server: all members; net: minus idle use) and machine load"
-    )
+def cpu_table(summary: Summary) -> Table:
     cols = (
         "system", "phase", "server", "server net", "server cores", "idle cores", "client",
         "other procs (s)", "machine busy",
     )  # fmt: skip
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("system", "phase") else "right")
+    table = _table(
+        "CPU per call in ms (server: all members; net: minus idle use) and machine load",
+        cols,
+        left=("system", "phase"),
+    )
     for system, phases in summary.items():
         for phase, e in phases.items():
             busy = e.get("busy_fraction")
@@ -286,15 +292,13 @@ def cpu_table(summary: dict[str, dict[str, dict[str, Any]]]) -> Table:
 # -- targets ----------------------------------------------------------------------------
 
 
-def targets(
-    summary: dict[str, dict[str, dict[str, Any]]], workload_phase: str, load_phase: str
-) -> list[dict[str, Any]]:
+def targets(summary: Summary, workload_phase: str, load_phase: str) -> list[dict[str, Any]]:
     """The issue's targets, each with the numbers and whether it was met."""
     kv, etcd = summary.get("kvcluster", {}), summary.get("etcd", {})
     checks: list[dict[str, Any]] = []
 
     def get(side: dict[str, Any], phase: str, key: str) -> float | None:
-        value = side.get(phase, {}).get("ops", {}).get("all", {}).get(key)
+        value = _stats(side, phase).get(key)
         return None if value is None else float(value)
 
     def check(name: str, value: float | None, limit: float, ok: Callable[[float], bool]) -> None:
@@ -343,7 +347,7 @@ def _spectrum_x(percentile: float) -> float:
     return 1.0 / (1.0 - p)
 
 
-def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path, title: str) -> None:
+def plot(summary: Summary, path: Path, title: str) -> None:
     """PNG: throughput per phase (bars, log) and latency percentile spectra per phase."""
     import matplotlib
 
@@ -352,12 +356,9 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path, title: str) 
     from matplotlib.ticker import FuncFormatter
 
     systems = list(summary)
-    phases: list[str] = []
-    for s in systems:
-        phases += [p for p in summary[s] if p not in phases]
-    spectra = [p for p in phases if any(p in summary[s] for s in systems)]
-    cols = min(3, max(1, len(spectra)))
-    rows = 1 + math.ceil(len(spectra) / cols)
+    phases = _phase_names(summary, systems)
+    cols = min(3, max(1, len(phases)))
+    rows = 1 + math.ceil(len(phases) / cols)
     fig = plt.figure(figsize=(5.2 * cols, 3.6 * rows))
     grid = fig.add_gridspec(rows, cols)
     colors = {"kvcluster": "tab:blue", "etcd": "tab:orange"}
@@ -366,7 +367,7 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path, title: str) 
     width = 0.8 / max(1, len(systems))
     for i, s in enumerate(systems):
         xs = [j + i * width for j in range(len(phases))]
-        ys = [summary[s].get(p, {}).get("ops", {}).get("all", {}).get("rate") or 0 for p in phases]
+        ys = [_stats(summary[s], p).get("rate") or 0 for p in phases]
         ax.bar(xs, ys, width, label=s, color=colors.get(s))
         for x, y in zip(xs, ys, strict=True):
             if y:
@@ -379,7 +380,7 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path, title: str) 
     ax.legend()
 
     ticks = [50.0, 90.0, 99.0, 99.9, 99.99]
-    for k, phase in enumerate(spectra):
+    for k, phase in enumerate(phases):
         ax = fig.add_subplot(grid[1 + k // cols, k % cols])
         for s in systems:
             entry = summary[s].get(phase)

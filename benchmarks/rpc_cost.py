@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
-import resource
 import time
 from collections import deque
 from typing import Any
 
 import grpc
 
+from benchmarks.systems import process_cpu_seconds, self_cpu_seconds
 from kvcluster.net import codec
 from kvcluster.net.messages import ReplicaRead
 
@@ -162,15 +161,11 @@ async def _client(kind: str, port: int, messages: int, concurrency: int) -> floa
     return elapsed
 
 
-def _proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _self_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _server_cpu(pid: int) -> float:
+    cpu = process_cpu_seconds(pid)
+    if cpu is None:
+        raise RuntimeError(f"the echo server (pid {pid}) has exited")
+    return cpu
 
 
 def measure(kind: str, messages: int, concurrency: int, port: int) -> dict[str, float]:
@@ -181,10 +176,10 @@ def measure(kind: str, messages: int, concurrency: int, port: int) -> dict[str, 
     try:
         if not ready.wait(30):
             raise RuntimeError(f"{kind} echo server did not start")
-        server_cpu, client_cpu = _proc_cpu(server.pid or 0), _self_cpu()
+        server_cpu, client_cpu = _server_cpu(server.pid or 0), self_cpu_seconds()
         elapsed = asyncio.run(_client(kind, port, messages, concurrency))
-        server_cpu = _proc_cpu(server.pid or 0) - server_cpu
-        client_cpu = _self_cpu() - client_cpu
+        server_cpu = _server_cpu(server.pid or 0) - server_cpu
+        client_cpu = self_cpu_seconds() - client_cpu
     finally:
         stop.set()
         server.join(10)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import random
-import resource
 import signal
 import time
 import traceback
@@ -36,7 +36,8 @@ from hdrh.histogram import HdrHistogram
 
 from benchmarks import hist
 from benchmarks.drivers import Driver, DriverSpec, make_driver
-from benchmarks.workloads import OpChooser, Phase
+from benchmarks.systems import self_cpu_seconds
+from benchmarks.workloads import BATCH_KINDS, OpChooser, Phase
 from benchmarks.zipf import chooser, key_name
 
 MAX_ERROR_SAMPLES = 5
@@ -78,9 +79,10 @@ class WorkerResult:
     rmw_refused: int = 0
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+@functools.lru_cache(maxsize=4)
+def _key_names(records: int) -> tuple[bytes, ...]:
+    """Every record's YCSB key, hashed once per process rather than once per call."""
+    return tuple(key_name(r) for r in range(records))
 
 
 class _Values:
@@ -123,6 +125,7 @@ class Worker:
         service: dict[str, HdrHistogram] = {}
         timeline: dict[int, int] = {}
         make_call = self._call_factory(phase, rng, values, result)
+        keys_per_call = phase.keys_per_call
 
         loop_start = time.perf_counter()
         measure_from = loop_start + phase.warmup
@@ -155,12 +158,11 @@ class Worker:
                     service[op] = hist.new()
                 hist.record_us(service[op], (end - start) * 1e6)
             result.calls += 1
-            size = phase.batch_size if phase.kind in ("put_many", "get_many") else 1
-            result.keys += size - failed
+            result.keys += keys_per_call - failed
             result.failed_keys += failed
             last_end[0] = max(last_end[0], end)
 
-        cpu0 = _cpu_seconds()
+        cpu0 = self_cpu_seconds()
         if phase.open_loop:
             await self._open_loop(
                 phase, make_call, timed, loop_start, measure_from, deadline, result
@@ -179,7 +181,7 @@ class Worker:
                     await timed(op, coro, None)
 
             await asyncio.gather(*(caller() for _ in range(phase.concurrency)))
-        result.cpu_s = _cpu_seconds() - cpu0
+        result.cpu_s = self_cpu_seconds() - cpu0
         result.window_start = measure_from
         result.window_end = last_end[0]
         result.hists = {op: hist.encode(h) for op, h in hists.items()}
@@ -239,6 +241,7 @@ class Worker:
     ) -> Callable[[], tuple[str, Coroutine[Any, Any, int]]]:
         """A function returning the next (op name, call coroutine) of ``phase``."""
         driver = self.driver
+        names = _key_names(phase.records)
 
         async def read(key: bytes) -> int:
             n = await driver.read(key)
@@ -265,20 +268,20 @@ class Worker:
 
         if phase.kind in ("load", "put"):
             label = "insert" if phase.kind == "load" else "put"
-            seq: Iterator[int] = itertools.cycle(self._my_records(phase.records))
+            seq: Iterator[bytes] = itertools.cycle(
+                [names[r] for r in self._my_records(phase.records)]
+            )
 
             def sequential() -> tuple[str, Coroutine[Any, Any, int]]:
-                return label, insert(key_name(next(seq)))
+                return label, insert(next(seq))
 
             return sequential
 
-        if phase.kind in ("put_many", "get_many"):
+        if phase.kind in BATCH_KINDS:
             mine = self._my_records(phase.records)
             size = min(phase.batch_size, len(mine))
             twice = mine * 2  # the last batch wraps around: every batch has `size` distinct keys
-            batches = [
-                [key_name(r) for r in twice[i : i + size]] for i in range(0, len(mine), size)
-            ]
+            batches = [[names[r] for r in twice[i : i + size]] for i in range(0, len(mine), size)]
             cycle = itertools.cycle(batches)
             if phase.kind == "put_many":
 
@@ -297,7 +300,7 @@ class Worker:
         if phase.kind == "get":
 
             def get() -> tuple[str, Coroutine[Any, Any, int]]:
-                return "get", read(key_name(keys.next()))
+                return "get", read(names[keys.next()])
 
             return get
 
@@ -314,7 +317,7 @@ class Worker:
 
         def mixed() -> tuple[str, Coroutine[Any, Any, int]]:
             op = ops.next()
-            return op, table[op](key_name(keys.next()))
+            return op, table[op](names[keys.next()])
 
         return mixed
 
@@ -479,7 +482,7 @@ def merge_phase(phase: Phase, results: list[WorkerResult]) -> dict[str, Any]:
         "open_loop": phase.open_loop,
         "target_rate": phase.target_rate,
         "concurrency": phase.concurrency,
-        "batch_size": phase.batch_size if phase.kind in ("put_many", "get_many") else 1,
+        "batch_size": phase.keys_per_call,
         "workers": len(results),
         "calls": calls,
         "all_calls": all_calls,

@@ -13,14 +13,18 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import resource
 import shutil
+import signal
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from benchmarks.etcd import port_free
 from kvcluster.cli import dev
 
 KV_PORT_RANGE = (7700, 7799)
@@ -37,6 +41,26 @@ class RunningSystem:
     metrics: list[str] = field(default_factory=list)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM: unwind through the finally blocks that stop clusters
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop a benchmark like Ctrl-C, through the blocks that stop its clusters."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def port_free(port: int) -> bool:
+    """True if a server could listen on 127.0.0.1:port (TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as etcd and grpc do
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def pick_base_port(nodes: int, lo: int = KV_PORT_RANGE[0], hi: int = KV_PORT_RANGE[1]) -> int:
     """The first base port in lo..hi (steps of 10) whose node and metrics ports are all free."""
     for base in range(lo + 1, hi - nodes + 2, 10):
@@ -46,14 +70,14 @@ def pick_base_port(nodes: int, lo: int = KV_PORT_RANGE[0], hi: int = KV_PORT_RAN
     raise RuntimeError(f"no {nodes} free ports in {lo}-{hi}: other dev clusters running?")
 
 
-def keep_logs(logs: Sequence[Path | str], to: Path | None, prefix: str) -> None:
-    """Copy log files to ``to`` (named ``<prefix><file name>``) before a data dir is removed."""
+def keep_logs(logs: Mapping[str, Path], to: Path | None) -> None:
+    """Copy log files (``{name in to: log}``) to ``to`` before a data dir is removed."""
     if to is None:
         return
     to.mkdir(parents=True, exist_ok=True)
-    for log in logs:
+    for name, log in logs.items():
         with contextlib.suppress(OSError):
-            shutil.copyfile(log, to / f"{prefix}{Path(log).parent.name}-{Path(log).name}")
+            shutil.copyfile(log, to / name)
 
 
 @contextlib.contextmanager
@@ -91,7 +115,8 @@ def kvcluster_cluster(
         try:
             with contextlib.suppress(dev.DevError):
                 dev.down(directory)
-            keep_logs(sorted(Path(directory).glob("*/node.log")), logs_to, log_prefix)
+            logs = sorted(Path(directory).glob("*/node.log"))
+            keep_logs({f"{log_prefix}{log.parent.name}-{log.name}": log for log in logs}, logs_to)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -105,16 +130,40 @@ def kvcluster_external(addresses: Sequence[str]) -> Iterator[RunningSystem]:
     )
 
 
+def kvcluster_system(
+    nodes: str | None,
+    cluster_nodes: int = 3,
+    base_port: int | None = None,
+    logs_to: Path | None = None,
+    log_prefix: str = "",
+) -> contextlib.AbstractContextManager[RunningSystem]:
+    """The running cluster at ``nodes`` (``HOST:PORT,...``: --nodes), else a new dev cluster."""
+    if nodes:
+        return kvcluster_external(nodes.split(","))
+    return kvcluster_cluster(cluster_nodes, base_port, logs_to=logs_to, log_prefix=log_prefix)
+
+
 # -- CPU accounting -------------------------------------------------------------------
+
+
+def stat_cpu_seconds(stat: Path) -> float | None:
+    """User + system CPU seconds from a ``/proc/<pid>[/task/<tid>]/stat`` file, None if gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of process ``pid`` (all its threads), None if gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def self_cpu_seconds() -> float:
+    """User + system CPU seconds of this process."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -159,8 +208,6 @@ class CpuMeter:
 
 def fsync_latency_ms(directory: str | None = None, rounds: int = 30) -> float:
     """Median time (ms) to write 4 KiB and fdatasync it, in a temp dir on the data disk."""
-    import time
-
     with tempfile.TemporaryDirectory(prefix="kvbench-fsync-", dir=directory) as tmp:
         path = Path(tmp) / "probe"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -194,3 +241,8 @@ def machine_description() -> str:
         f"{cpus} vCPU {model}, {mem_gb:.0f} GiB RAM, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}"
     )
+
+
+def machine_summary() -> str:
+    """The machine and its disk's fdatasync latency: the first line of every benchmark's output."""
+    return f"{machine_description()}; disk fdatasync(4 KiB) p50 {fsync_latency_ms():.2f} ms"

@@ -30,6 +30,8 @@ WORKLOADS: Mapping[str, Mapping[str, float]] = {
 #: runs a workload's operation mix; ``put_many`` / ``get_many`` send batches
 #: of ``batch_size`` consecutive distinct records.
 PhaseKind = Literal["load", "mix", "put", "get", "put_many", "get_many"]
+#: The kinds whose calls move ``batch_size`` keys each (their rate is reported in keys/s).
+BATCH_KINDS: tuple[PhaseKind, ...] = ("put_many", "get_many")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class Phase:
     @property
     def open_loop(self) -> bool:
         return self.target_rate is not None
+
+    @property
+    def keys_per_call(self) -> int:
+        """``batch_size`` for batch phases, 1 otherwise."""
+        return self.batch_size if self.kind in BATCH_KINDS else 1
 
 
 class OpChooser:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,21 +45,11 @@ from benchmarks import etcd as etcd_mod
 from benchmarks import profiling, report
 from benchmarks.drivers import DriverSpec
 from benchmarks.suite import PhaseHook, run_phases
-from benchmarks.systems import (
-    RunningSystem,
-    fsync_latency_ms,
-    kvcluster_cluster,
-    kvcluster_external,
-    machine_description,
-)
+from benchmarks.systems import RunningSystem, kvcluster_system, machine_summary, stop_on_sigterm
 from benchmarks.workloads import WORKLOADS, Phase, workload
 from benchmarks.zipf import DISTRIBUTIONS
 
 LOAD_PHASE = "load"
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM: unwind through the finally blocks that stop clusters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,58 +166,52 @@ def build_phases(args: argparse.Namespace) -> list[Phase]:
 @contextlib.contextmanager
 def start_system(
     name: str, args: argparse.Namespace, stubs_dir: str | None, rep: int
-) -> Iterator[tuple[RunningSystem, DriverSpec]]:
+) -> Iterator[RunningSystem]:
+    """System ``name`` for run ``rep``: the one named on the command line, else a fresh cluster."""
     logs = args.out / "logs" if args.keep_logs and args.out else None
     prefix = f"run{rep}-"
     if name == "kvcluster":
-        manager = (
-            kvcluster_external(args.nodes.split(","))
-            if args.nodes
-            else kvcluster_cluster(
-                args.cluster_nodes, args.base_port, logs_to=logs, log_prefix=prefix
-            )
-        )
-        with manager as system:
-            yield (
-                system,
-                DriverSpec(
-                    "kvcluster",
-                    tuple(system.endpoints),
-                    timeout=args.timeout,
-                    options={"blind": args.kv_blind, "pipeline": args.kv_pipeline},
-                ),
-            )
-        return
-    assert stubs_dir is not None
-    options = {"serializable": args.etcd_serializable, "rmw": args.etcd_rmw}
-    if args.etcd_endpoints:
+        with kvcluster_system(
+            args.nodes, args.cluster_nodes, args.base_port, logs_to=logs, log_prefix=prefix
+        ) as system:
+            yield system
+    elif args.etcd_endpoints:
         endpoints = args.etcd_endpoints.split(",")
-        yield (
-            RunningSystem("etcd", endpoints, description=f"etcd at {args.etcd_endpoints}"),
-            DriverSpec("etcd", tuple(endpoints), args.timeout, stubs_dir, options),
-        )
-        return
-    with etcd_mod.etcd_cluster(
-        stubs_dir,
-        3,
-        args.etcd_base_port,
-        args.etcd_bin,
-        args.install,
-        logs_to=logs,
-        log_prefix=prefix,
-    ) as cluster:
-        system = RunningSystem(
-            "etcd",
-            cluster.endpoints,
-            pids=cluster.pids,
-            description=f"{cluster.version}, 3 members, defaults (fsync on commit)",
-        )
-        yield system, DriverSpec("etcd", tuple(cluster.endpoints), args.timeout, stubs_dir, options)
+        yield RunningSystem("etcd", endpoints, description=f"etcd at {args.etcd_endpoints}")
+    else:
+        assert stubs_dir is not None
+        with etcd_mod.etcd_cluster(
+            stubs_dir,
+            3,
+            args.etcd_base_port,
+            args.etcd_bin,
+            args.install,
+            logs_to=logs,
+            log_prefix=prefix,
+        ) as cluster:
+            yield RunningSystem(
+                "etcd",
+                cluster.endpoints,
+                pids=cluster.pids,
+                description=f"{cluster.version}, 3 members, defaults (fsync on commit)",
+            )
+
+
+def driver_spec(
+    system: RunningSystem, args: argparse.Namespace, stubs_dir: str | None
+) -> DriverSpec:
+    """How the load generator's workers reach ``system``, with its command-line options."""
+    endpoints = tuple(system.endpoints)
+    if system.name == "kvcluster":
+        options = {"blind": args.kv_blind, "pipeline": args.kv_pipeline}
+        return DriverSpec("kvcluster", endpoints, args.timeout, options=options)
+    options = {"serializable": args.etcd_serializable, "rmw": args.etcd_rmw}
+    return DriverSpec("etcd", endpoints, args.timeout, stubs_dir, options)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     systems = ["kvcluster"] + (["etcd"] if args.vs else [])
     if args.only:
         systems = [args.only]
@@ -254,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             py_spy, args.profile, chosen, native=args.native, gil=args.gil
         )
         hook = profiler
-    machine = f"{machine_description()}; disk fdatasync(4 KiB) p50 {fsync_latency_ms():.2f} ms"
+    machine = machine_summary()
     runs: list[dict[str, Any]] = []
     descriptions: dict[str, str] = {}
     console.print(f"[bold]machine[/]: {machine}")
@@ -275,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for rep in range(1, args.repeat + 1):
                 for name in systems:
-                    with start_system(name, args, stubs_dir, rep) as (system, spec):
+                    with start_system(name, args, stubs_dir, rep) as system:
+                        spec = driver_spec(system, args, stubs_dir)
                         descriptions[name] = system.description
                         console.print(f"[bold]run {rep}/{args.repeat}: {system.description}[/]")
                         if profiler is not None:
@@ -300,23 +285,15 @@ def main(argv: list[str] | None = None) -> int:
             profiler.stop()
 
     summary = report.summarise(runs)
-    table = report.comparison_table(summary)
-    cpu = report.cpu_table(summary)
-    console.print(table)
-    console.print(cpu)
+    tables: list[Table] = [report.comparison_table(summary), report.cpu_table(summary)]
     checks: list[dict[str, Any]] = []
     if "kvcluster" in summary and "etcd" in summary and "A" in summary["kvcluster"]:
         checks = report.targets(summary, "A", LOAD_PHASE)
-        console.print(report.targets_table(checks))
+        tables.append(report.targets_table(checks))
+    for table in tables:
+        console.print(table)
     if profiler is not None:
-        raws = [raw for raw in profiler.outputs if raw.exists()]
-        for raw in raws:
-            text = profiling.render(profiling.summarise(raw))
-            raw.with_suffix(".summary.txt").write_text(text + "\n")
-        if raws:
-            merged = profiling.merge_raw(raws, args.profile / "all-nodes.txt")
-            text = profiling.render(profiling.summarise(merged, top=40))
-            merged.with_suffix(".summary.txt").write_text(text + "\n")
+        profiler.write_summaries()
         console.print(
             f"profiles in {args.profile}: <node>.svg flamegraphs, <node>.summary.txt, "
             "all-nodes.summary.txt"
@@ -341,10 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             plain.print(f"machine: {machine}")
             for name, d in descriptions.items():
                 plain.print(f"{name}: {d}")
-            plain.print(table)
-            plain.print(cpu)
-            if checks:
-                plain.print(report.targets_table(checks))
+            for table in tables:
+                plain.print(table)
         console.print(f"results in {args.out}/ (results.json, results.png, table.txt)")
     return 0
 

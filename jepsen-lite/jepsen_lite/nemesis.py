@@ -120,12 +120,9 @@ def partition_shape(shape: str, ids: Sequence[str], rng: random.Random) -> dict[
 
 
 def _shapes_for(n: int) -> list[str]:
-    shapes = ["isolate", "halves", "bridge"]
-    if n >= 5:
-        shapes.append("ring")
     if n < 3:
-        shapes = ["isolate"]
-    return shapes
+        return ["isolate"]
+    return ["isolate", "halves", "bridge"] + (["ring"] if n >= 5 else [])
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -348,10 +345,9 @@ class NemesisRunner(threading.Thread):
         for fault in self.schedule:
             if not self._wait_until(fault.start):
                 return
-            detail = {k: v for k, v in fault.params.items() if k != "blocked"}
-            if "blocked" in fault.params:
-                detail["blocked"] = fault.params["blocked"]
-            self.log.emit("start", fault=fault.id, kind=fault.kind, nodes=fault.nodes, **detail)
+            self.log.emit(
+                "start", fault=fault.id, kind=fault.kind, nodes=fault.nodes, **fault.params
+            )
             self._do("start", fault, apply_fault)
             self._wait_until(fault.end)
             self.log.emit("end", fault=fault.id, kind=fault.kind, nodes=fault.nodes)

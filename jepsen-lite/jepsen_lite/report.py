@@ -22,6 +22,7 @@ import html
 import io
 import json
 import random
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from matplotlib.patches import Patch
 
 from jepsen_lite.history import Op, load_jsonl, pairs
 from jepsen_lite.nemesis import fault_windows, load_events
+from jepsen_lite.runner import FINAL_PROCESS_BASE
 
 __all__ = ["render_report", "write_report"]
 
@@ -144,16 +146,15 @@ def _timeline_plot(
     index = {r: i for i, r in enumerate(rows)}
     fig, ax = plt.subplots(figsize=(13, max(2.5, 0.38 * len(rows) + 1.2)))
     _shade(ax, windows)
-    shown = _sample(ops, lambda o: o["type"] != "ok", MAX_POINTS)
+    bars: dict[tuple[str, Any], list[tuple[float, float]]] = defaultdict(list)
+    for o in _sample(ops, lambda o: o["type"] != "ok", MAX_POINTS):
+        bars[o["type"], o["row"]].append((o["start"], max(o["end"] - o["start"], end / 4000)))
     for outcome, color in OUTCOME_COLORS.items():
         for r in rows:
-            bars = [
-                (o["start"], max(o["end"] - o["start"], end / 4000))
-                for o in shown
-                if o["type"] == outcome and o["row"] == r
-            ]
-            if bars:
-                ax.broken_barh(bars, (index[r] - 0.4, 0.8), facecolors=color, alpha=0.85)
+            if bars.get((outcome, r)):
+                ax.broken_barh(
+                    bars[outcome, r], (index[r] - 0.4, 0.8), facecolors=color, alpha=0.85
+                )
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"worker {r}" if r != "final" else "final reads" for r in rows])
     ax.set_ylim(-0.6, len(rows) - 0.4)
@@ -224,7 +225,7 @@ def render_report(out: Path) -> str:
     concurrency = int(config.get("concurrency", 1))
     end_ns = max([history[-1].time if history else 0] + [int(e["time"]) for e in events])
     windows = fault_windows(events, end_ns)
-    ops = _ops(history, concurrency, 1_000_000)
+    ops = _ops(history, concurrency, FINAL_PROCESS_BASE)
     end = end_ns / 1e9
     plots = [
         ("Latency", _latency_plot(ops, windows, end)),

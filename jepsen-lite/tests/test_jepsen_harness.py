@@ -5,9 +5,12 @@ model and the strict-quorum staleness rule of the set checker."""
 from __future__ import annotations
 
 import itertools
+import random
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from jepsen_lite.backends.base import Backend, NodeFaults, blocked_from_groups, settings_env
@@ -19,15 +22,19 @@ from jepsen_lite.history import HistoryRecorder
 from jepsen_lite.nemesis import (
     NEMESES,
     EventLog,
+    Fault,
+    NemesisRunner,
     fault_windows,
     make_schedule,
     parse_nemeses,
     partition_shape,
 )
 from jepsen_lite.runner import exit_code, op_counts
-from jepsen_lite.workloads.base import SafeRetryPolicy, classify
+from jepsen_lite.workloads import WorkloadOptions
+from jepsen_lite.workloads.base import SafeRetryPolicy, WorkerContext, classify
+from jepsen_lite.workloads.set_workload import SetWorkload
 
-from kvcluster import errors
+from kvcluster import Client, ReadResult, errors
 from kvcluster.client.policies import Decision, NodeFailure
 
 IDS3 = ["n1", "n2", "n3"]
@@ -176,6 +183,22 @@ def fake(tmp_path: Path) -> FakeBackend:
     return b
 
 
+class FailingBackend(FakeBackend):
+    """Starts some nodes, then one of them dies."""
+
+    def _start_cluster(self, nodes: int, settings: Mapping[str, Any]) -> list[str]:
+        self.calls.append(("started", nodes))
+        raise HarnessError("node n2 exited during start")
+
+
+def test_a_failed_start_removes_what_was_started(tmp_path: Path) -> None:
+    b = FailingBackend(tmp_path)
+    with pytest.raises(HarnessError, match="n2 exited"):
+        b.start(3, {})
+    assert b.calls == [("started", 3), ("stop",)]
+    assert b.node_ids == []
+
+
 def test_partition_is_made_symmetric_and_healed(fake: FakeBackend) -> None:
     fake.set_partition({"n1": ["n2"]})
     assert fake.installed["n1"].blocked == {"n2"}
@@ -208,10 +231,50 @@ def test_heal_undoes_everything(fake: FakeBackend) -> None:
     fake.set_loss("n2", 0.3)
     fake.partition([["n2"]])
     done = fake.heal()
-    assert "resumed n1" in done and "started n3" in done
+    assert done == ["resumed n1", "started n3", "healed n1", "healed n2", "healed n3"]
     assert all(fake.state(n) == "running" for n in fake.node_ids)
     assert all(fake.faults(n).healthy for n in fake.node_ids)
     assert all(fake.installed[n].healthy for n in fake.node_ids)
+
+
+def test_heal_also_clears_faults_the_bookkeeping_does_not_know(fake: FakeBackend) -> None:
+    fake.installed["n2"] = NodeFaults(loss=0.5)  # e.g. left behind by a half-failed call
+    assert fake.heal() == []  # nothing known to undo
+    assert all(fake.installed[n].healthy for n in fake.node_ids)
+
+
+def test_kill_thaws_a_paused_node_first(fake: FakeBackend) -> None:
+    fake.pause("n1")
+    fake.kill("n1")
+    fake.kill("n1")  # already killed: nothing more
+    assert fake.calls == [("pause", "n1"), ("resume", "n1"), ("kill", "n1")]
+    assert fake.state("n1") == "killed"
+    fake.resume("n1")  # only a paused node resumes
+    assert fake.state("n1") == "killed" and len(fake.calls) == 3
+
+
+def test_nemesis_runner_applies_and_heals_each_fault(fake: FakeBackend, tmp_path: Path) -> None:
+    blocked = {"n1": ["n2", "n3"], "n2": ["n1"], "n3": ["n1"]}
+    schedule = [
+        Fault(0, "partition", 0.0, 0.02, ["n1"], {"shape": "isolate", "blocked": blocked}),
+        Fault(1, "pause", 0.03, 0.02, ["n2"]),
+        Fault(2, "latency", 0.06, 0.02, ["n1", "n3"], {"delay_ms": [5, 9]}),
+    ]
+    log = EventLog(tmp_path / "nemesis.jsonl", lambda: 0)
+    runner = NemesisRunner(fake, schedule, log, origin=time.monotonic())
+    runner.start()
+    runner.join(timeout=10.0)
+    assert not runner.is_alive() and runner.errors == []
+    starts = [e for e in log.events if e["type"] == "start"]
+    assert [e["fault"] for e in starts] == [0, 1, 2]
+    assert starts[0]["shape"] == "isolate" and starts[0]["blocked"] == blocked
+    assert starts[2]["delay_ms"] == [5, 9]
+    assert [e["fault"] for e in log.events if e["type"] == "end"] == [0, 1, 2]
+    assert ("pause", "n2") in fake.calls and ("resume", "n2") in fake.calls
+    installed = [c[1:] for c in fake.calls if c[0] == "faults"]
+    assert installed[0] == ("n1", NodeFaults(blocked=frozenset({"n2", "n3"})))
+    assert ("n1", NodeFaults(delay_ms=(5.0, 9.0))) in installed
+    assert all(fake.faults(n).healthy and fake.state(n) == "running" for n in fake.node_ids)
 
 
 def test_backend_rejects_bad_fault_arguments(fake: FakeBackend) -> None:
@@ -278,6 +341,44 @@ def test_exit_codes_and_op_counts(rec: HistoryRecorder) -> None:
         "add": {"invoke": 2, "ok": 1, "fail": 0, "info": 1},
         "read": {"invoke": 1, "ok": 0, "fail": 0, "info": 1},
     }
+
+
+class _FlakyReads:
+    """A client whose first read of each key times out; later reads find ``[1, 2]``."""
+
+    def __init__(self) -> None:
+        self.gets: list[tuple[str, dict[str, Any]]] = []
+
+    def get(self, key: str, **options: Any) -> ReadResult:
+        self.gets.append((key, options))
+        if [k for k, _ in self.gets].count(key) == 1:
+            raise errors.Timeout(2, 1)
+        return ReadResult(True, [b"[2]", b"[1]"], b"ctx")
+
+
+def test_final_reads_read_every_key_with_r_all_until_they_succeed(rec: HistoryRecorder) -> None:
+    workload = SetWorkload(WorkloadOptions(extra={"active_keys": 2}))
+    client = _FlakyReads()
+    ctx = WorkerContext(
+        worker=0,
+        concurrency=1,
+        recorder=rec,
+        client=cast(Client, client),
+        rng=random.Random(0),
+        stop=threading.Event(),
+        base=1_000_000,
+        backoff=0.0,
+    )
+    workload.final_reads(ctx, pause=0.0)
+    assert workload.keys() == ["set-0", "set-1"]
+    all_strict = {"r": "all", "strict": True}
+    assert client.gets == [(k, all_strict) for k in ("set-0", "set-0", "set-1", "set-1")]
+    assert [op.type for op in rec.history if op.type != "invoke"] == ["info", "ok"] * 2
+    assert [(op.key, op.value) for op in rec.history if op.type == "ok"] == [
+        ("set-0", [1, 2]),  # the union of the siblings, as the set checker reads it
+        ("set-1", [1, 2]),
+    ]
+    assert all(op.extra == {"final": True} for op in rec.history if op.type == "invoke")
 
 
 # ----------------------------------------------------------------------------- models

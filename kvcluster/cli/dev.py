@@ -124,8 +124,13 @@ def is_running(pid: int, data_dir: str | None = None) -> bool:
     return state != "Z" and b"kvcluster" in cmdline
 
 
+def _alive(node: DevNode) -> bool:
+    """Whether ``node``'s recorded process is still that node (see :func:`is_running`)."""
+    return is_running(node.pid, node.data_dir)
+
+
 def _signal(node: DevNode, sig: signal.Signals) -> bool:
-    if not is_running(node.pid, node.data_dir):
+    if not _alive(node):
         return False
     try:
         os.kill(node.pid, sig)
@@ -134,13 +139,13 @@ def _signal(node: DevNode, sig: signal.Signals) -> bool:
     return True
 
 
-def _wait_exit(pid: int, timeout: float, data_dir: str | None = None) -> bool:
+def _wait_exit(node: DevNode, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not is_running(pid, data_dir):
+        if not _alive(node):
             return True
         time.sleep(0.02)
-    return not is_running(pid, data_dir)
+    return not _alive(node)
 
 
 def _spawn(node: DevNode) -> int:
@@ -177,7 +182,7 @@ def wait_ready(
     end = time.monotonic() + timeout
     while pending and time.monotonic() < end:
         for node in list(pending):
-            if not is_running(node.pid, node.data_dir):
+            if not _alive(node):
                 raise DevError(f"node {node.id} exited during start:\n{tail(node.log)}")
             status = node_status(node.address, timeout=0.5)
             # the node id guards against another process answering on that port
@@ -228,7 +233,7 @@ def up(
     running: list[str] = []
     with contextlib.suppress(DevError):
         existing = DevCluster.load(directory)
-        running = [n.id for n in existing.nodes if is_running(n.pid, n.data_dir)]
+        running = [n.id for n in existing.nodes if _alive(n)]
     if running:
         raise DevError(
             f"a cluster is already running in {directory} ({', '.join(running)}): "
@@ -288,7 +293,7 @@ def status(directory: Path | str = DEFAULT_DIR) -> list[dict[str, Any]]:
     cluster = DevCluster.load(directory)
     out: list[dict[str, Any]] = []
     for node in cluster.nodes:
-        running = is_running(node.pid, node.data_dir)
+        running = _alive(node)
         st = node_status(node.address, timeout=0.5) if running else None
         out.append(
             {
@@ -312,7 +317,7 @@ def kill(directory: Path | str, node_id: str, sig: signal.Signals = signal.SIGKI
     if not _signal(node, sig):
         raise DevError(f"node {node.id} is not running")
     if sig in (signal.SIGKILL, signal.SIGTERM):
-        _wait_exit(node.pid, 10.0, node.data_dir)
+        _wait_exit(node, 10.0)
     return node
 
 
@@ -330,12 +335,12 @@ def restart(
     """Stop the node if it runs (SIGTERM, then SIGKILL), start it again, wait until ready."""
     cluster = DevCluster.load(directory)
     node = cluster.node(node_id)
-    if is_running(node.pid, node.data_dir):
+    if _alive(node):
         _signal(node, signal.SIGCONT)
         _signal(node, signal.SIGTERM)
-        if not _wait_exit(node.pid, 10.0, node.data_dir):
+        if not _wait_exit(node, 10.0):
             _signal(node, signal.SIGKILL)
-            _wait_exit(node.pid, 5.0, node.data_dir)
+            _wait_exit(node, 5.0)
     node.pid = _spawn(node)
     cluster.save()
     if wait:
@@ -348,14 +353,14 @@ def down(directory: Path | str = DEFAULT_DIR, clean: bool = False, timeout: floa
 
     Returns the number of processes that were running."""
     cluster = DevCluster.load(directory)
-    running = [n for n in cluster.nodes if is_running(n.pid, n.data_dir)]
+    running = [n for n in cluster.nodes if _alive(n)]
     for node in running:
         _signal(node, signal.SIGCONT)  # a paused node cannot act on SIGTERM
         _signal(node, signal.SIGTERM)
     for node in running:
-        if not _wait_exit(node.pid, timeout, node.data_dir):
+        if not _wait_exit(node, timeout):
             _signal(node, signal.SIGKILL)
-            _wait_exit(node.pid, 5.0, node.data_dir)
+            _wait_exit(node, 5.0)
     if clean:
         import shutil
 
@@ -415,7 +420,7 @@ def heal(directory: Path | str) -> int:
     cluster = DevCluster.load(directory)
     healed = 0
     for node in cluster.nodes:
-        if is_running(node.pid, node.data_dir):
+        if _alive(node):
             set_faults(node.address)
             healed += 1
     return healed

@@ -34,7 +34,7 @@ from kvcluster.clock import Clock
 from kvcluster.core import dvvset
 from kvcluster.core.hashing import partition_of, pkey
 from kvcluster.core.preflist import Target, preference_list_for_partition
-from kvcluster.core.quorum import parse_quorum
+from kvcluster.core.quorum import Outcome, Tally, parse_quorum
 from kvcluster.core.record import (
     Record,
     Sibling,
@@ -129,11 +129,9 @@ class _Read:
 @dataclass(slots=True, eq=False)
 class _Write:
     place: Placement
-    required: int
     deadline: float
     result: WriteResult
-    acks: int = 1  # this node's own durable copy
-    failures: int = 0
+    tally: Tally  # this node's own durable copy already counted
     decided: bool = False
 
 
@@ -227,6 +225,17 @@ class Coordinator:
                 "value",
             )
 
+    def _plan(
+        self, key: bytes, strict: bool, quorum: Quorum, default: int, field: str
+    ) -> tuple[Placement, int]:
+        """The key's placement and how many replicas must answer (Unavailable if too few)."""
+        place = self.place(key, strict)
+        n = place.ring.replicas
+        required = parse_quorum(quorum, n, min(default, n), field)
+        if len(place.targets) < required:
+            raise errors.Unavailable(required, len(place.targets))
+        return place, required
+
     def _deadline(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> float:
         t = self.settings.request_timeout if not timeout or timeout <= 0 else timeout
         return loop.time() + t
@@ -254,11 +263,7 @@ class Coordinator:
         for i, req in enumerate(requests):
             try:
                 deadline = self._deadline(loop, req.timeout)
-                place = self.place(req.key, req.strict)
-                n = place.ring.replicas
-                required = parse_quorum(req.r, n, min(self.settings.r, n), "r")
-                if len(place.targets) < required:
-                    raise errors.Unavailable(required, len(place.targets))
+                place, required = self._plan(req.key, req.strict, req.r, self.settings.r, "r")
             except errors.KVError as exc:
                 results[i] = exc
                 continue
@@ -411,11 +416,7 @@ class Coordinator:
                 deadline = self._deadline(loop, req.timeout)
                 self.check_value(req.value)
                 vv = decode_context(req.context)
-                place = self.place(req.key, req.strict)
-                n = place.ring.replicas
-                required = parse_quorum(req.w, n, min(self.settings.w, n), "w")
-                if len(place.targets) < required:
-                    raise errors.Unavailable(required, len(place.targets))
+                place, required = self._plan(req.key, req.strict, req.w, self.settings.w, "w")
                 mine = next((t for t in place.targets if t.node == self.node_id), None)
                 if mine is None:
                     if forwarded:
@@ -476,9 +477,11 @@ class Coordinator:
                 continue
             record, clock = outcome
             result = WriteResult(encode_context(dvvset.join(clock)), live_values(clock))
-            op = _Write(place, required, deadline, result)
+            tally = Tally(required, [t.node for t in place.targets])
+            tally.ok(self.node_id)
+            op = _Write(place, deadline, result, tally)
             ops.append((i, op))
-            if op.acks >= required or unsafe:
+            if tally.outcome is Outcome.WON or unsafe:
                 op.decided = True  # unsafe: deliberately acknowledged with one copy
             else:
                 batch.pending += 1
@@ -491,20 +494,18 @@ class Coordinator:
         if ops:
             await batch.wait(max(op.deadline for _, op in ops))
         for i, op in ops:
-            ok = op.acks >= op.required or unsafe
-            results[i] = op.result if ok else errors.Timeout(op.required, op.acks)
+            ok = op.tally.outcome is Outcome.WON or unsafe
+            results[i] = op.result if ok else errors.Timeout(op.tally.required, op.tally.acks)
 
     def _write_done(
         self, op: _Write, batch: _Batch, target: Target, fut: asyncio.Future[None]
     ) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            op.acks += 1
+            op.tally.ok(target.node)
         else:
-            op.failures += 1
+            op.tally.failed(target.node)
             self._missed(target.hint_for or target.node, op.place.pkey)
-        if op.decided:
-            return
-        if op.acks >= op.required or op.failures > len(op.place.targets) - op.required:
+        if not op.decided and op.tally.outcome is not Outcome.PENDING:
             op.decided = True
             batch.done_one()
 

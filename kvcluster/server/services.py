@@ -19,7 +19,7 @@ import grpc
 
 from kvcluster import errors
 from kvcluster.net.faults import Faults, FaultState
-from kvcluster.node.coordinator import ReadRequest, WriteRequest
+from kvcluster.node.coordinator import ReadRequest, ReadResult, WriteRequest, WriteResult
 from kvcluster.node.node import Node
 from kvcluster.wire.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 
@@ -59,6 +59,24 @@ def quorum_value(q: kv_pb2.Quorum) -> int | str | None:
 
 def _timeout(ms: int) -> float | None:
     return ms / 1000.0 if ms else None
+
+
+def _read_request(m: kv_pb2.GetRequest) -> ReadRequest:
+    return ReadRequest(m.key, quorum_value(m.r), m.strict, _timeout(m.timeout_ms))
+
+
+def _write_request(m: kv_pb2.PutRequest) -> WriteRequest:
+    return WriteRequest(
+        m.key, m.value, m.context, quorum_value(m.w), m.strict, _timeout(m.timeout_ms)
+    )
+
+
+def _get_response(result: ReadResult) -> kv_pb2.GetResponse:
+    return kv_pb2.GetResponse(found=result.found, values=result.values, context=result.context)
+
+
+def _put_response(result: WriteResult) -> kv_pb2.PutResponse:
+    return kv_pb2.PutResponse(context=result.context, values=result.values)
 
 
 def error_item(err: errors.KVError) -> kv_pb2.ItemError:
@@ -108,27 +126,20 @@ class KVService(kv_pb2_grpc.KVServicer):
         return await self._run("get", context, lambda: self._get(request))
 
     async def _get(self, request: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
-        result = await self.node.coordinator.get(
-            request.key,
-            r=quorum_value(request.r),
-            strict=request.strict,
-            timeout=_timeout(request.timeout_ms),
+        req = _read_request(request)
+        return _get_response(
+            await self.node.coordinator.get(req.key, req.r, req.strict, req.timeout)
         )
-        return kv_pb2.GetResponse(found=result.found, values=result.values, context=result.context)
 
     async def Put(self, request: kv_pb2.PutRequest, context: Ctx) -> kv_pb2.PutResponse:  # noqa: N802
         return await self._run("put", context, lambda: self._put(request))
 
     async def _put(self, request: kv_pb2.PutRequest) -> kv_pb2.PutResponse:
+        req = _write_request(request)
         result = await self.node.coordinator.put(
-            request.key,
-            request.value,
-            request.context,
-            w=quorum_value(request.w),
-            strict=request.strict,
-            timeout=_timeout(request.timeout_ms),
+            req.key, req.value, req.context, req.w, req.strict, req.timeout
         )
-        return kv_pb2.PutResponse(context=result.context, values=result.values)
+        return _put_response(result)
 
     async def Delete(  # noqa: N802
         self, request: kv_pb2.DeleteRequest, context: Ctx
@@ -206,26 +217,14 @@ class KVService(kv_pb2_grpc.KVServicer):
         async def call() -> kv_pb2.PutManyResponse:
             self._check_batch(len(request.items))
             results = await self.node.coordinator.put_many(
-                [
-                    WriteRequest(
-                        item.key,
-                        item.value,
-                        item.context,
-                        quorum_value(item.w),
-                        item.strict,
-                        _timeout(item.timeout_ms),
-                    )
-                    for item in request.items
-                ]
+                [_write_request(item) for item in request.items]
             )
             out = kv_pb2.PutManyResponse()
             for result in results:
                 if isinstance(result, errors.KVError):
                     out.results.add(error=error_item(result))
                 else:
-                    out.results.add(
-                        ok=kv_pb2.PutResponse(context=result.context, values=result.values)
-                    )
+                    out.results.add(ok=_put_response(result))
             return out
 
         return await self._run("put_many", context, call)
@@ -236,23 +235,14 @@ class KVService(kv_pb2_grpc.KVServicer):
         async def call() -> kv_pb2.GetManyResponse:
             self._check_batch(len(request.items))
             results = await self.node.coordinator.get_many(
-                [
-                    ReadRequest(
-                        item.key, quorum_value(item.r), item.strict, _timeout(item.timeout_ms)
-                    )
-                    for item in request.items
-                ]
+                [_read_request(item) for item in request.items]
             )
             out = kv_pb2.GetManyResponse()
             for result in results:
                 if isinstance(result, errors.KVError):
                     out.results.add(error=error_item(result))
                 else:
-                    out.results.add(
-                        ok=kv_pb2.GetResponse(
-                            found=result.found, values=result.values, context=result.context
-                        )
-                    )
+                    out.results.add(ok=_get_response(result))
             return out
 
         return await self._run("get_many", context, call)

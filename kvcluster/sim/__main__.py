@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from jepsen_lite.checkers.register import FINAL
+
 from kvcluster.sim.cluster import RunResult, WorkloadConfig, run_cluster, sim_settings
 
 _DEFAULTS = WorkloadConfig()
@@ -60,7 +62,7 @@ def _timeline(result: RunResult) -> list[str]:
         if e.event not in ("crash", "restart", "partition", "heal", "set-link")
     ]
     for op in result.history:
-        if op.extra.get("final"):
+        if op.extra.get(FINAL):
             continue
         extra = {k: v for k, v in op.extra.items() if k != "node"}
         node = op.extra.get("node")

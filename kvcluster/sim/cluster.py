@@ -45,9 +45,9 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from jepsen_lite.checkers.convergence import ConvergenceResult, Divergence, check_convergence
 from jepsen_lite.checkers.register import FINAL, SEEN, RegisterResult, check_register
@@ -115,6 +115,11 @@ def replay_command(seed: int, nodes: int, extra: str = "") -> str:
     return f"python -m kvcluster.sim --seed {seed} --nodes {nodes}{tail}"
 
 
+def _values_of(record: bytes | None) -> list[bytes]:
+    """The live values of a stored record (none for an absent one)."""
+    return [] if record is None else live_values(decode_record(record))
+
+
 class CoordinatorCrashed(Exception):
     """The node coordinating a client request crashed before answering (like a
     connection reset): the request may or may not have taken effect."""
@@ -132,7 +137,6 @@ class _Member:
     """One simulated machine: its disk and clock survive crashes, its Node does not."""
 
     node_id: str
-    address: str
     storage: MemoryStorage
     clock: LoopClock
     node: Node | None = None
@@ -174,19 +178,16 @@ class SimCluster:
         )
         self.node_ids = [f"n{i}" for i in range(1, nodes + 1)]
         self.seeds = {n: f"sim://{n}" for n in self.node_ids}
+        self._disk_delay = disk_delay
         skew_rng = derive_rng(seed, "skew")
         self._members: dict[str, _Member] = {}
         for node_id in self.node_ids:
             offset = skew_rng.randint(-clock_skew_ms, clock_skew_ms) if clock_skew_ms else 0
             self._members[node_id] = _Member(
-                node_id,
-                self.seeds[node_id],
-                self._new_storage(node_id, disk_delay),
-                LoopClock(offset_ms=offset),
+                node_id, self._new_storage(node_id), LoopClock(offset_ms=offset)
             )
         for member in self._members.values():
             member.transport = self.network.endpoint(member.node_id, self._handler(member))
-        self._disk_delay = disk_delay
         #: Faults applied so far, as ``(virtual time, description)``.
         self.events: list[tuple[float, str]] = []
         #: Nodes to crash right after their next acknowledged put, and whether to
@@ -195,10 +196,10 @@ class SimCluster:
         self._cleanup: list[asyncio.Task[None]] = []
         self._cut: dict[str, float] = {}  # node -> drop rate of its outgoing links
 
-    def _new_storage(self, label: str, disk_delay: tuple[float, float]) -> MemoryStorage:
+    def _new_storage(self, label: str) -> MemoryStorage:
         """A fresh store; ``label`` names the disk (seeds its write delays)."""
         rng = derive_rng(self.seed, "disk", label)
-        low, high = disk_delay
+        low, high = self._disk_delay
 
         async def delay() -> None:
             await asyncio.sleep(rng.uniform(low, high) if high > 0 else 0)
@@ -239,7 +240,7 @@ class SimCluster:
         for node in self.nodes():
             ring = node.membership.ring_or_none()
             if ring is not None:
-                return ring.owners_of(partition_of(key, ring.q))[: ring.n]
+                return ring.owners_of(partition_of(key, ring.q))
         raise errors.NotReady("no running node has an agreed ring")
 
     def pkey(self, key: bytes) -> bytes:
@@ -311,7 +312,7 @@ class SimCluster:
             transport = self.network.restart(member.node_id, self._handler(member))
         node = Node(
             member.node_id,
-            member.address,
+            self.seeds[member.node_id],
             self.settings,
             member.storage,
             transport,
@@ -365,7 +366,7 @@ class SimCluster:
         self._note(f"wipe {node_id}")
         member.storage.reopen()  # retire the old store for good
         member.wipes += 1
-        member.storage = self._new_storage(f"{node_id}.wiped{member.wipes}", self._disk_delay)
+        member.storage = self._new_storage(f"{node_id}.wiped{member.wipes}")
 
     def crash_after_ack(self, node_id: str, wipe: bool = True) -> None:
         """Arm a trigger: crash ``node_id`` (and with ``wipe`` lose its disk) the
@@ -416,10 +417,11 @@ class SimCluster:
         node (requests and replies); clients still reach it."""
         self._note(f"cut-off {node_id} drop={drop:g}")
         self._cut[node_id] = drop
-        self._apply_cut(node_id)
+        self._set_outgoing(node_id, drop)
 
-    def _apply_cut(self, node_id: str) -> None:
-        drop = self._cut[node_id]
+    def _set_outgoing(self, node_id: str, drop: float | None) -> None:
+        """Override the drop rate of every link out of ``node_id`` (``None``: remove
+        every override of those links)."""
         for other in self.node_ids:
             if other != node_id:
                 self.network.set_link(node_id, other, drop=drop)
@@ -428,17 +430,15 @@ class SimCluster:
         """Undo :meth:`cut_off` (and any other override of ``node_id``'s outgoing links)."""
         self._note(f"reconnect {node_id}")
         self._cut.pop(node_id, None)
-        for other in self.node_ids:
-            if other != node_id:
-                self.network.set_link(node_id, other)
+        self._set_outgoing(node_id, None)
 
     def heal(self) -> None:
         """Remove every partition and per-link fault, except the nodes cut off by
         :meth:`cut_off` (a fault of its own, undone by :meth:`reconnect`)."""
         self._note("heal")
         self.network.heal()
-        for node_id in sorted(self._cut):
-            self._apply_cut(node_id)
+        for node_id, drop in sorted(self._cut.items()):
+            self._set_outgoing(node_id, drop)
 
     def drops(self, rate: float) -> None:
         self._note(f"drop-rate {rate:.3f}")
@@ -528,8 +528,7 @@ class SimCluster:
         return self.node(node_id).replica.read(self.pkey(key))
 
     def local_values(self, node_id: str, key: bytes) -> list[bytes]:
-        record = self.local_record(node_id, key)
-        return [] if record is None else live_values(decode_record(record))
+        return _values_of(self.local_record(node_id, key))
 
     # -- clients -----------------------------------------------------------------------------
 
@@ -562,18 +561,14 @@ class SimCluster:
                 return node_id
         raise errors.Unreachable(list(order), "every node is down")
 
-    async def _on(self, node_id: str, call: Callable[[Node], Awaitable[T]]) -> T:
+    async def _on(self, node_id: str, call: Callable[[Node], Coroutine[Any, Any, T]]) -> T:
         """Run ``call(node)`` as a request coordinated by ``node_id``; a crash of the
         node while it runs raises :class:`CoordinatorCrashed`."""
         member = self._members[node_id]
         node = member.node
         if node is None:
             raise CoordinatorCrashed(node_id)
-
-        async def request() -> T:
-            return await call(node)
-
-        task = asyncio.get_running_loop().create_task(request())
+        task = asyncio.get_running_loop().create_task(call(node))
         member.requests.append(task)
         try:
             await asyncio.wait([task])
@@ -652,16 +647,6 @@ class Fault:
     nodes: tuple[str, ...] = ()
     groups: tuple[tuple[str, ...], ...] = ()
     value: float = 0.0
-
-    def describe(self) -> str:
-        parts = [f"{self.at:8.3f}s", self.kind]
-        if self.groups:
-            parts.append(" | ".join(",".join(g) for g in self.groups))
-        if self.nodes:
-            parts.append(",".join(self.nodes))
-        if self.value:
-            parts.append(f"{self.value:g}")
-        return " ".join(parts)
 
 
 class FaultSchedule:
@@ -806,7 +791,6 @@ class FaultSchedule:
     @staticmethod
     async def apply(cluster: SimCluster, fault: Fault) -> None:
         kind = fault.kind
-        nodes = cluster.node_ids
         if kind == "crash":
             cluster.crash(fault.nodes[0])
         elif kind == "restart":
@@ -844,7 +828,7 @@ class FaultSchedule:
                 cluster.set_latency(*cluster.latency)
         elif kind == "slow":
             node = fault.nodes[0]
-            for other in nodes:
+            for other in cluster.node_ids:
                 if other != node:
                     cluster.slow_link(node, other, (fault.value, fault.value * 1.5))
         elif kind == "skew":
@@ -952,20 +936,24 @@ class Workload:
             else:
                 key = rng.choice(self.keys)
             if op == "get":
-                process, _ = await self._get(process, client, key, rng)
+                await self._get(process, client, key, rng)
             elif op == "put_blind":
-                process = await self._write(process, client, key, None, None, rng)
+                process = await self._change(process, client, "write", key, None, None, rng)
             elif op == "delete_blind":
-                process = await self._delete(process, client, key, None, None, rng)
+                process = await self._change(process, client, "delete", key, None, None, rng)
             else:
-                process, read = await self._get(process, client, key, rng)
+                read = await self._get(process, client, key, rng)
                 if read is None:
                     continue
                 seen = [v.decode() for v in read.values]
                 if op == "put_context":
-                    process = await self._write(process, client, key, read.context, seen, rng)
+                    process = await self._change(
+                        process, client, "write", key, read.context, seen, rng
+                    )
                 elif read.context:
-                    process = await self._delete(process, client, key, read.context, seen, rng)
+                    process = await self._change(
+                        process, client, "delete", key, read.context, seen, rng
+                    )
 
     def _next_value(self, process: int) -> str:
         self._values += 1
@@ -999,7 +987,8 @@ class Workload:
 
     async def _get(
         self, process: int, client: SimClient, key: str, rng: random.Random
-    ) -> tuple[int, ReadResult | None]:
+    ) -> ReadResult | None:
+        """One read (``None`` when it failed); a read never abandons its process."""
         roll = rng.random()
         r: int | str | None = None
         if roll < self.config.r_one:
@@ -1013,49 +1002,38 @@ class Workload:
             # A read changes nothing: a failed one is "fail" whatever the reason.
             self._outcome(exc)
             self.recorder.fail(process, None, {"error": type(exc).__name__})
-            return process, None
+            return None
         self.recorder.ok(process, [v.decode() for v in result.values])
-        return process, result
+        return result
 
-    async def _write(
+    async def _change(
         self,
         process: int,
         client: SimClient,
+        f: Literal["write", "delete"],
         key: str,
         context: bytes | None,
         seen: list[str] | None,
         rng: random.Random,
     ) -> int:
-        value = self._next_value(process)
+        """One put of a new unique value (``f="write"``) or one delete; returns the
+        process to go on with."""
+        value = self._next_value(process) if f == "write" else None
         w, strict, extra = self._write_options(seen, rng)
-        self.recorder.invoke(process, "write", key, value, extra)
+        self.recorder.invoke(process, f, key, value, extra)
         try:
-            await client.put(key.encode(), value.encode(), context or b"", w=w, strict=strict)
+            if value is None:
+                result: str | bool = await client.delete(
+                    key.encode(), context or b"", w=w, strict=strict
+                )
+            else:
+                await client.put(key.encode(), value.encode(), context or b"", w=w, strict=strict)
+                result = value
         except Exception as exc:
             kind = self._outcome(exc)
             self.recorder.complete(process, kind, value, {"error": type(exc).__name__})
             return process if kind == "fail" else self._next_process(process)
-        self.recorder.ok(process, value, {"node": client.last_node})
-        return process
-
-    async def _delete(
-        self,
-        process: int,
-        client: SimClient,
-        key: str,
-        context: bytes | None,
-        seen: list[str] | None,
-        rng: random.Random,
-    ) -> int:
-        w, strict, extra = self._write_options(seen, rng)
-        self.recorder.invoke(process, "delete", key, None, extra)
-        try:
-            deleted = await client.delete(key.encode(), context or b"", w=w, strict=strict)
-        except Exception as exc:
-            kind = self._outcome(exc)
-            self.recorder.complete(process, kind, None, {"error": type(exc).__name__})
-            return process if kind == "fail" else self._next_process(process)
-        self.recorder.ok(process, deleted, {"node": client.last_node})
+        self.recorder.ok(process, result, {"node": client.last_node})
         return process
 
 
@@ -1169,33 +1147,37 @@ class RunResult:
         return h.hexdigest()
 
 
-async def _final_state(
-    cluster: SimCluster, workload: Workload
-) -> tuple[dict[str, dict[str, str | None]], dict[str, list[str]], list[str]]:
-    """Read every key from every node directly; record the owners' reads as final
-    reads in the history. Returns (records, owners, stray copies)."""
-    records: dict[str, dict[str, str | None]] = {}
-    owners: dict[str, list[str]] = {}
-    stray: list[str] = []
-    final_process = 1_000_000
+class _FinalState(NamedTuple):
+    #: key -> node -> hex of the stored record (None: absent), every node
+    records: dict[str, dict[str, str | None]]
+    #: key -> its owners
+    owners: dict[str, list[str]]
+    #: "key@node": a copy on a node that does not own the key
+    stray: list[str]
+    #: node -> key -> live values (the convergence checker's input)
+    values: dict[str, dict[str, list[str]]]
+
+
+def _final_state(cluster: SimCluster, workload: Workload) -> _FinalState:
+    """Read every key from every node directly (once); record the owners' reads as
+    final reads in the history."""
+    final = _FinalState({}, {}, [], {node_id: {} for node_id in cluster.node_ids})
+    process = 1_000_000
     for key in workload.keys:
         kb = key.encode()
-        owners[key] = sorted(cluster.owners(kb))
-        records[key] = {}
+        owners = final.owners[key] = sorted(cluster.owners(kb))
+        final.records[key] = {}
         for node_id in cluster.node_ids:
             record = cluster.local_record(node_id, kb)
-            records[key][node_id] = None if record is None else record.hex()
-            if node_id not in owners[key]:
-                if record is not None:
-                    stray.append(f"{key}@{node_id}")
-                continue
-            values = [] if record is None else live_values(decode_record(record))
-            final_process += 1
-            workload.recorder.invoke(
-                final_process, "read", key, None, {FINAL: True, "node": node_id}
-            )
-            workload.recorder.ok(final_process, [v.decode() for v in values])
-    return records, owners, stray
+            final.records[key][node_id] = None if record is None else record.hex()
+            values = final.values[node_id][key] = [v.decode() for v in _values_of(record)]
+            if node_id in owners:
+                process += 1
+                workload.recorder.invoke(process, "read", key, None, {FINAL: True, "node": node_id})
+                workload.recorder.ok(process, values)
+            elif record is not None:
+                final.stray.append(f"{key}@{node_id}")
+    return final
 
 
 def run_cluster(
@@ -1223,10 +1205,10 @@ def run_cluster(
         else:
             schedule = FaultSchedule([])
         load = Workload(cluster, config, seed)
-        fault_task = asyncio.get_running_loop().create_task(schedule.run(cluster))
+        loop = asyncio.get_running_loop()
+        fault_task = loop.create_task(schedule.run(cluster))
         await load.run()
         await fault_task
-        loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         await cluster.heal_all()
         hints_left = await cluster.settle()
@@ -1242,22 +1224,16 @@ def run_cluster(
         repair_errors = await cluster.repair_all()
         repair_errors += await cluster.repair_all()
         purged = sum(n.antientropy.totals.tombstones_purged for n in cluster.nodes())
-        records, owners, stray = await _final_state(cluster, load)
+        final = _final_state(cluster, load)
         history = load.history
         register = check_register(history)
-        states = {
-            node_id: {
-                key: [v.decode() for v in cluster.local_values(node_id, key.encode())]
-                for key in load.keys
-            }
-            for node_id in cluster.node_ids
-        }
-        convergence = check_convergence(states, owners=owners)
+        convergence = check_convergence(final.values, owners=final.owners)
         # Identical records, not just identical values: compare the bytes too.
         byte_divergent = [
-            Divergence(key, {n: [by_node[n] or ""] for n in owners[key]})
-            for key, by_node in records.items()
-            if len({by_node[n] for n in owners[key]}) > 1 and key not in convergence.divergent_keys
+            Divergence(key, {n: [by_node[n] or ""] for n in final.owners[key]})
+            for key, by_node in final.records.items()
+            if len({by_node[n] for n in final.owners[key]}) > 1
+            and key not in convergence.divergent_keys
         ]
         if byte_divergent:
             convergence = replace(
@@ -1273,14 +1249,14 @@ def run_cluster(
             faults=list(schedule),
             events=cluster.events,
             history=history,
-            records=records,
-            owners=owners,
+            records=final.records,
+            owners=final.owners,
             register=register,
             convergence=convergence,
             hints_left=hints_left,
             repair_errors=repair_errors,
             unexpected=load.unexpected,
-            stray_copies=stray,
+            stray_copies=final.stray,
             tombstones_purged=purged,
             virtual_time=loop.time(),
             trace=cluster.network.trace,

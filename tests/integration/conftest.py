@@ -16,6 +16,7 @@ otherwise take port + 1000).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,24 +25,18 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import pytest
 
 from kvcluster import Client
 from kvcluster.cli import dev
 from kvcluster.client import AllowListPolicy
+from tests.support import clean_env, wait_until
 
 PORT_MIN, PORT_MAX = 7400, 7499
 #: A hang guard for one kvctl process, never a performance assertion.
 KVCTL_HANG_GUARD = 120.0
-
-T = TypeVar("T")
-
-
-def _clean_env() -> dict[str, str]:
-    """The environment without KVCLUSTER_* variables, so nothing outside leaks in."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("KVCLUSTER_")}
 
 
 @dataclass(frozen=True)
@@ -91,29 +86,11 @@ def run_kvctl(
         input=stdin.decode() if stdin is not None else None,
         capture_output=True,
         text=True,
-        env={**_clean_env(), **(env or {})},
+        env={**clean_env(), **(env or {})},
         timeout=KVCTL_HANG_GUARD,
         check=False,
     )
     return KvctlResult(tuple(args), proc.returncode, proc.stdout, proc.stderr)
-
-
-def wait_until(
-    predicate: Callable[[], T | None],
-    timeout: float,
-    what: str,
-    interval: float = 0.1,
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
-    end = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() >= end:
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
 
 
 def read_values(
@@ -206,6 +183,13 @@ class Cluster:
             f"{observer} to see {node_id} {state}",
         )
 
+    def wait_all_up(self, timeout: float = 15.0) -> None:
+        """Wait until every node sees every other node up (``timeout`` for each pair)."""
+        for observer in self.ids:
+            for node_id in self.ids:
+                if node_id != observer:
+                    self.wait_state(observer, node_id, "up", timeout=timeout)
+
     def hints_pending(self) -> int:
         """Hints pending summed over every node that answers (-1 if one does not)."""
         total = 0
@@ -246,7 +230,11 @@ class StartCluster(Protocol):
     ) -> Cluster: ...
 
 
-def _starter(make_dir: Callable[[str], Path], started: list[Cluster]) -> StartCluster:
+def _starter(
+    make_dir: Callable[[str], Path], started: list[Cluster], ports: tuple[int, int]
+) -> StartCluster:
+    port_min, port_max = ports
+
     def start(
         nodes: int,
         base_port: int,
@@ -256,8 +244,8 @@ def _starter(make_dir: Callable[[str], Path], started: list[Cluster]) -> StartCl
         r: int | None = None,
         w: int | None = None,
     ) -> Cluster:
-        assert base_port >= PORT_MIN and base_port + nodes - 1 <= PORT_MAX, (
-            f"integration tests use ports {PORT_MIN}-{PORT_MAX} only"
+        assert base_port >= port_min and base_port + nodes - 1 <= port_max, (
+            f"these tests use ports {port_min}-{port_max} only"
         )
         directory = make_dir(f"cluster-{base_port}")
         merged = {"metrics_listen": "off", **(settings or {})}
@@ -273,12 +261,32 @@ def _starter(make_dir: Callable[[str], Path], started: list[Cluster]) -> StartCl
     return start
 
 
-def _stop_all(started: list[Cluster]) -> None:
-    for cluster in started:
-        if (cluster.dir / dev.STATE_FILE).exists():
-            cluster.stop()
-        else:
-            _ACTIVE.pop(cluster.dir, None)
+@contextlib.contextmanager
+def cluster_starter(
+    make_dir: Callable[[str], Path], ports: tuple[int, int] = (PORT_MIN, PORT_MAX)
+) -> Iterator[StartCluster]:
+    """Start clusters (in ``make_dir(f"cluster-{base_port}")``, on ``ports`` only);
+    every one still running is stopped by PID when the block ends."""
+    started: list[Cluster] = []
+    try:
+        yield _starter(make_dir, started, ports)
+    finally:
+        for cluster in started:
+            if (cluster.dir / dev.STATE_FILE).exists():
+                cluster.stop()
+            else:
+                _ACTIVE.pop(cluster.dir, None)
+
+
+def subdirectory_of(parent: Path) -> Callable[[str], Path]:
+    """A ``make_dir`` for :func:`cluster_starter`: new directories under ``parent``."""
+
+    def make_dir(name: str) -> Path:
+        d = parent / name
+        d.mkdir()
+        return d
+
+    return make_dir
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -294,23 +302,15 @@ def _no_kvcluster_env() -> Iterator[None]:
 @pytest.fixture
 def start_cluster(tmp_path: Path) -> Iterator[StartCluster]:
     """Start clusters that are stopped when the test ends."""
-    started: list[Cluster] = []
-
-    def make_dir(name: str) -> Path:
-        d = tmp_path / name
-        d.mkdir()
-        return d
-
-    yield _starter(make_dir, started)
-    _stop_all(started)
+    with cluster_starter(subdirectory_of(tmp_path)) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")
 def start_module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartCluster]:
     """Start clusters shared by a module's tests, stopped after its last test."""
-    started: list[Cluster] = []
-    yield _starter(tmp_path_factory.mktemp, started)
-    _stop_all(started)
+    with cluster_starter(tmp_path_factory.mktemp) as start:
+        yield start
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

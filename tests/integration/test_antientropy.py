@@ -32,8 +32,8 @@ import pytest
 from kvcluster import Client, ReadResult, errors
 from kvcluster.cli import dev
 from kvcluster.core.hashing import partition_of
-from tests.integration import conftest as shared
-from tests.integration.conftest import Cluster, wait_until
+from tests.integration.conftest import Cluster, cluster_starter, subdirectory_of
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -53,26 +53,14 @@ class Start(Protocol):
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Start]:
     """Start 3-node clusters in this module's port block; stopped by PID at the end."""
-    started: list[Cluster] = []
+    with cluster_starter(subdirectory_of(tmp_path), (PORT_MIN, PORT_MAX)) as start_cluster:
 
-    def run(base_port: int, *, n_val: int = 3, **settings: Any) -> Cluster:
-        assert base_port >= PORT_MIN and base_port + 2 <= PORT_MAX
-        directory = tmp_path / f"cluster-{base_port}"
-        directory.mkdir()
-        cluster = Cluster(directory, base_port, 3)
-        started.append(cluster)
-        shared._ACTIVE[directory] = cluster  # log tails in the report of a failure
-        try:
-            dev.up(directory, 3, base_port, n_val, settings={**AAE_ONLY, **settings}, timeout=60)
-        except dev.DevError as exc:
-            pytest.fail(f"could not start a cluster at port {base_port}:\n{exc}")
-        wait_connected(cluster)
-        return cluster
+        def run(base_port: int, *, n_val: int = 3, **settings: Any) -> Cluster:
+            cluster = start_cluster(3, base_port, settings={**AAE_ONLY, **settings}, n_val=n_val)
+            wait_connected(cluster)
+            return cluster
 
-    yield run
-    for cluster in started:
-        if (cluster.dir / dev.STATE_FILE).exists():
-            cluster.stop()
+        yield run
 
 
 def key(prefix: str, i: int) -> bytes:

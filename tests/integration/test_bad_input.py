@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import pytest
 from kvcluster import AsyncClient, Client, errors
 from kvcluster.wire.v1 import kv_pb2, kv_pb2_grpc
 from tests.integration.conftest import Cluster, StartCluster, run_kvctl
+from tests.support import clean_env
 
 pytestmark = pytest.mark.integration
 
@@ -147,11 +147,15 @@ def test_kvctl_rejects_bad_input(cluster: Cluster, args: list[str], field: str) 
 
 @pytest.mark.usefixtures("unchanged")
 def test_kvctl_unknown_flag(cluster: Cluster) -> None:
-    for args in (["put", "--bogus", KEY, "v"], ["--bogus", "get", KEY], ["get", KEY, "--r"]):
+    for args, option in (
+        (["put", "--bogus", KEY, "v"], "--bogus"),
+        (["--bogus", "get", KEY], "--bogus"),
+        (["get", KEY, "--r"], "'--r'"),  # given without its value
+    ):
         result = cluster.kvctl(*args)
         line = result.one_line_error()
         assert result.code == 2
-        assert "--bogus" in line or "--r" in line
+        assert option in line, (args, line)
         assert result.stdout == ""
 
 
@@ -251,7 +255,9 @@ def test_async_client_rejects_bad_input(cluster: Cluster, call: AsyncCall, field
                 await call(kv)
             return info.value
 
-    assert asyncio.run(scenario()).field == field
+    err = asyncio.run(scenario())
+    assert err.field == field
+    assert err.message
 
 
 def test_batch_reports_bad_items_and_stores_only_good_ones(cluster: Cluster) -> None:
@@ -301,8 +307,9 @@ def test_clients_raise_unreachable() -> None:
             with pytest.raises(errors.Unreachable) as ainfo:
                 await kv.put(KEY, b"v")
             assert ainfo.value.addresses == [DEAD]
-            with pytest.raises(errors.Unreachable):
+            with pytest.raises(errors.Unreachable) as ainfo:
                 await kv.get(KEY)
+            assert ainfo.value.addresses == [DEAD]
 
     asyncio.run(scenario())
 
@@ -335,12 +342,11 @@ def run_node(
         "--metrics-listen",
         "off",
     ]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVCLUSTER_")}
     return subprocess.run(
         [sys.executable, "-m", "kvcluster.server.main", *base, *args],
         capture_output=True,
         text=True,
-        env={**clean, **(env or {})},
+        env={**clean_env(), **(env or {})},
         timeout=HANG_GUARD,
         check=False,
     )
@@ -400,6 +406,7 @@ def test_node_bad_toml_message_names_the_file(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert str(path) in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "data").exists()
 
 
 def test_node_unknown_flag_exits_2_naming_it(tmp_path: Path) -> None:
@@ -410,11 +417,16 @@ def test_node_unknown_flag_exits_2_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
-def test_node_metrics_port_in_use_fails_with_one_line(tmp_path: Path) -> None:
+def run_node_on_the_busy_port(tmp_path: Path, flag: str) -> subprocess.CompletedProcess[str]:
+    """Run kvcluster-node with ``flag`` set to BUSY_PORT while this test listens there."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", BUSY_PORT))
         busy.listen()
-        proc = run_node(tmp_path, "--metrics-listen", f"127.0.0.1:{BUSY_PORT}")
+        return run_node(tmp_path, flag, f"127.0.0.1:{BUSY_PORT}")
+
+
+def test_node_metrics_port_in_use_fails_with_one_line(tmp_path: Path) -> None:
+    proc = run_node_on_the_busy_port(tmp_path, "--metrics-listen")
     assert proc.returncode == 2, proc
     lines = proc.stderr.splitlines()
     assert lines == [
@@ -424,10 +436,7 @@ def test_node_metrics_port_in_use_fails_with_one_line(tmp_path: Path) -> None:
 
 
 def test_node_listen_port_in_use_exits_2_naming_listen(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", BUSY_PORT))
-        busy.listen()
-        proc = run_node(tmp_path, "--listen", f"127.0.0.1:{BUSY_PORT}")
+    proc = run_node_on_the_busy_port(tmp_path, "--listen")
     assert proc.returncode == 2, proc
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr  # nothing from gRPC's C core before it

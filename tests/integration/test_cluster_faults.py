@@ -33,8 +33,8 @@ from tests.integration.conftest import (
     StartCluster,
     read_values,
     run_kvctl,
-    wait_until,
 )
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -55,13 +55,6 @@ def kvctl_member_state(cluster: Cluster, observer: str, node_id: str) -> str | N
     if result.code != 0:
         return None
     return next((m["state"] for m in result.json()["members"] if m["id"] == node_id), None)
-
-
-def wait_until_everyone_sees_everyone_up(cluster: Cluster) -> None:
-    for observer in cluster.ids:
-        for node_id in cluster.ids:
-            if node_id != observer:
-                cluster.wait_state(observer, node_id, "up", timeout=LIVENESS_TIMEOUT)
 
 
 def wait_for_hints_to_drain(cluster: Cluster) -> None:
@@ -142,7 +135,7 @@ def test_killed_node_writes_hints_and_recovery(start_cluster: StartCluster) -> N
     written = {**before, **during}
     keys = [int(cluster.status(i).keys) for i in cluster.ids]
     assert keys == [len(written)] * 3, keys
-    wait_until_everyone_sees_everyone_up(cluster)
+    cluster.wait_all_up(timeout=LIVENESS_TIMEOUT)
     with cluster.client() as kv:
         assert read_values(kv, list(written)) == {k: [v] for k, v in written.items()}
         for k in ("strict/1", "strict/2", "strict/3", "strict/kvctl"):
@@ -232,7 +225,7 @@ def test_paused_node_does_not_stall_requests(start_cluster: StartCluster) -> Non
     finally:
         dev.resume(cluster.dir, "n3")
 
-    wait_until_everyone_sees_everyone_up(cluster)
+    cluster.wait_all_up(timeout=LIVENESS_TIMEOUT)
     wait_for_hints_to_drain(cluster)
     with cluster.client() as kv:
         for i in range(10):
@@ -296,7 +289,7 @@ def test_partition_minority_refuses_writes_majority_serves(start_cluster: StartC
         assert kv.get("part/majority/0").values == [b"m0"]
 
     assert dev.heal(cluster.dir) == 3
-    wait_until_everyone_sees_everyone_up(cluster)
+    cluster.wait_all_up(timeout=LIVENESS_TIMEOUT)
     wait_for_hints_to_drain(cluster)
 
     # handoff alone (before any read could repair) gave n1 the majority's writes

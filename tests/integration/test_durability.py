@@ -21,7 +21,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ import pytest
 
 from kvcluster import Client, ReadResult
 from kvcluster.cli import dev
-from tests.integration.conftest import StartCluster, wait_until
+from tests.integration.conftest import StartCluster, read_values
+from tests.support import clean_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ class Writer:
 
 
 @pytest.fixture
-def writers(tmp_path: Path) -> Iterator[list[Writer]]:
+def writers() -> Iterator[list[Writer]]:
     started: list[Writer] = []
     yield started
     for w in started:
@@ -111,7 +111,7 @@ def start_writer(
             [sys.executable, str(script), nodes, prefix, str(streams), w],
             stdout=stdout,
             stderr=stderr,
-            env={k: v for k, v in os.environ.items() if not k.startswith("KVCLUSTER_")},
+            env=clean_env(),
         )
     writer = Writer(proc, out, err, prefix)
     started.append(writer)
@@ -126,33 +126,15 @@ def wait_for_acks(writer: Writer, count: int) -> None:
     wait_until(enough, HANG_GUARD, f"{count} acknowledged writes", interval=0.01)
 
 
-def missing_writes(kv: Client, keys: list[str], r: str | int, settle: float = 20.0) -> list[str]:
-    """The keys whose acknowledged value cannot be read back.
+def missing_writes(kv: Client, keys: list[str], r: str | int) -> list[str]:
+    """The keys whose acknowledged value cannot be read back (with what was read instead).
 
-    A read that fails (e.g. ``Timeout`` with ``r=all`` while a just-restarted
-    replica's connections come back) says nothing about the data and is tried
-    again for up to ``settle`` seconds; a read that answers with anything but
-    the acknowledged value is a lost write at once.
+    :func:`read_values` tries a failed read again for a while (it says nothing
+    about the data); a read that answers with anything but the acknowledged
+    value is a lost write at once.
     """
-    wrong: list[str] = []
-    pending = list(keys)
-    failures: dict[str, Exception] = {}
-    end = time.monotonic() + settle
-    while pending:
-        failures = {}
-        for start in range(0, len(pending), 500):
-            chunk = pending[start : start + 500]
-            for key, result in zip(chunk, kv.get_many(chunk, r=r), strict=True):
-                if isinstance(result, Exception):
-                    failures[key] = result
-                elif result.values != [(key + "=value").encode()]:
-                    wrong.append(f"{key}: {result!r}")
-        pending = list(failures)
-        if not pending or time.monotonic() > end:
-            break
-        print(f"{len(pending)} reads failed, trying them again: {next(iter(failures.values()))!r}")
-        time.sleep(0.2)
-    return wrong + [f"{key}: {err!r}" for key, err in failures.items()]
+    got = read_values(kv, keys, r=r)
+    return [f"{k}: {v!r}" for k, v in got.items() if v != [(k + "=value").encode()]]
 
 
 def test_acknowledged_writes_survive_sigkill_of_a_single_node(
@@ -200,10 +182,7 @@ def test_acknowledged_writes_survive_sigkill_of_every_replica(
 
     for node_id in cluster.ids:
         dev.restart(cluster.dir, node_id)
-    for observer in cluster.ids:  # r=all needs every replica reachable again
-        for node_id in cluster.ids:
-            if node_id != observer:
-                cluster.wait_state(observer, node_id, "up")
+    cluster.wait_all_up()  # r=all needs every replica reachable again
     with cluster.client() as kv:
         assert missing_writes(kv, acked, r="all") == []
 
@@ -257,7 +236,7 @@ def start_direct(started: list[DirectNode], data_dir: Path, log: Path) -> Direct
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("KVCLUSTER_")},
+            env=clean_env(),
         )
     node = DirectNode(proc, log, address)
     started.append(node)
@@ -292,7 +271,8 @@ def test_sigterm_shuts_down_cleanly_and_keeps_data(
     again = start_direct(direct_nodes, data, log)
     with Client(again.address) as kv:
         assert missing_writes(kv, keys[20:], r="all") == []
-        assert not any(r.found for r in kv.get_many(keys[:20]) if isinstance(r, ReadResult))
+        deleted = kv.get_many(keys[:20])
+        assert all(isinstance(r, ReadResult) and not r.found for r in deleted), deleted
         assert kv.status()["keys"] == len(keys)  # live keys plus the 20 tombstones
     os.kill(again.proc.pid, signal.SIGTERM)
     assert again.proc.wait(timeout=HANG_GUARD) == 0

@@ -20,7 +20,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvcluster import AsyncClient, Client, ReadResult, WriteResult, errors
-from tests.integration.conftest import Cluster, StartCluster, run_kvctl, wait_until
+from tests.integration.conftest import Cluster, StartCluster, run_kvctl
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -17,6 +17,7 @@ import pytest
 
 from kvcluster.cli import dev
 from tests.integration.conftest import run_kvctl
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -91,8 +92,12 @@ def test_kvctl_dev_lifecycle(dev_dir: Path) -> None:
     assert restarted["pid"] != pids["n2"]
     assert statuses(dev_dir) == {i: (True, True) for i in pids}
 
-    kvctl_dev("pause", "n3", directory=dev_dir)
-    kvctl_dev("resume", "n3", directory=dev_dir)
+    # paused: the process is there but does not answer; resumed: it answers again
+    n3 = {"ok": True, "node": "n3", "pid": pids["n3"]}
+    assert kvctl_dev("pause", "n3", directory=dev_dir) == n3
+    wait_until(lambda: statuses(dev_dir)["n3"] == (True, False), 30.0, "n3 to stop answering")
+    assert kvctl_dev("resume", "n3", directory=dev_dir) == n3
+    wait_until(lambda: statuses(dev_dir)["n3"] == (True, True), 30.0, "n3 to answer again")
 
     blocked = kvctl_dev("partition", "n1", "n2,n3", directory=dev_dir)
     assert blocked == {"n1": ["n2", "n3"], "n2": ["n1"], "n3": ["n1"]}

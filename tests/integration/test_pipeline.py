@@ -63,10 +63,14 @@ def test_many_concurrent_pipelined_calls_each_get_their_own_answer(trio: Cluster
 def test_pipelined_errors_carry_their_data(trio: Cluster) -> None:
     async def scenario() -> None:
         async with AsyncClient(trio.addresses, pipeline=True) as kv:
-            with pytest.raises(errors.InvalidArgument):
+            with pytest.raises(errors.InvalidArgument) as too_big:
                 await kv.put("pipe/too-big", b"x" * (16 * 1024 * 1024))
-            with pytest.raises(errors.InvalidArgument):
+            assert too_big.value.field == "value"
+            assert too_big.value.message
+            with pytest.raises(errors.InvalidArgument) as bad_quorum:
                 await kv.get("pipe/bad-quorum", r=7)
+            assert bad_quorum.value.field == "r"
+            assert bad_quorum.value.message
             # the stream survives a rejected request
             await kv.put("pipe/after-error", b"ok")
             assert (await kv.get("pipe/after-error")).values == [b"ok"]

@@ -58,8 +58,6 @@ def explain(result: RunResult) -> str:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_no_acknowledged_write_is_lost_under_faults(seed: int) -> None:
     result = run_cluster(seed, nodes_for(seed))
-    if not result.valid:
-        print(explain(result))
     assert result.valid, explain(result)
     # The run did something: writes were acknowledged and final reads covered them.
     register = result.register

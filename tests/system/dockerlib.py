@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from tests import support
+
 ROOT = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("KVCLUSTER_BASE_IMAGE", "kvcluster-base:bookworm")
 #: Docker tests publish client ports in 7600-7699 only (other suites use other ranges).
@@ -202,16 +204,8 @@ def _port_free(port: int) -> bool:
 def wait_until(
     predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25
 ) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
-    end = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() >= end:
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
+    """:func:`tests.support.wait_until`, polling every 0.25 s unless told otherwise."""
+    return support.wait_until(predicate, timeout, what, interval)
 
 
 @dataclass

@@ -45,6 +45,7 @@ def test_defaults() -> None:
     assert c.seeds == ()
     assert c.metrics_listen == "127.0.0.1:8101"  # listen port + 1000
     assert c.log_level == "info"
+    assert c.commit_window == 0.002
     assert c.settings == NodeSettings()
 
 
@@ -59,7 +60,7 @@ def test_every_field_has_a_flag_an_env_var_and_help() -> None:
         assert cfg.flag_name(f.name) == "--" + f.name.replace("_", "-")
 
 
-def test_derived_values(tmp_path: Path) -> None:
+def test_derived_values() -> None:
     c = load({"listen": "0.0.0.0:7200", "advertise": "10.0.0.5:7200"})
     assert c.node_id == "10.0.0.5:7200"
     assert c.metrics_listen == "0.0.0.0:8200"
@@ -99,7 +100,7 @@ def test_precedence_defaults_toml_env_flags(tmp_path: Path) -> None:
     assert everything.settings.w == 2  # untouched: the default
 
 
-def test_flags_given_as_none_are_absent(tmp_path: Path) -> None:
+def test_flags_given_as_none_are_absent() -> None:
     c = load({"n_val": None, "r": None}, env={"KVCLUSTER_N_VAL": "4"})
     assert c.settings.n_val == 4
     assert c.settings.r == 2
@@ -121,6 +122,8 @@ def test_typed_flag_values_are_taken_as_is() -> None:
     )
     assert c.settings.n_val == 5
     assert c.settings.unsafe_lww is True
+    assert c.seeds == (cfg.Seed("a", "127.0.0.1:7101"),)
+    assert c.node_id == "a"
 
 
 @pytest.mark.parametrize(
@@ -180,6 +183,14 @@ BAD: list[tuple[str, dict[str, Any], dict[str, str], str, str]] = [
         {},
         "max_pending_writes",
         "--max-pending-writes",
+    ),
+    ("commit window negative", {"commit_window": "-0.1"}, {}, "commit_window", "--commit-window"),
+    (
+        "commit window too long",
+        {},
+        {"KVCLUSTER_COMMIT_WINDOW": "2"},
+        "commit_window",
+        "KVCLUSTER_COMMIT_WINDOW",
     ),
     ("partitions not power of 2", {"partitions": "48"}, {}, "partitions", "--partitions"),
     ("partitions zero", {"partitions": "0"}, {}, "partitions", "--partitions"),
@@ -267,25 +278,13 @@ def test_unreadable_config_files(tmp_path: Path) -> None:
     assert info.value.field == "config"
 
 
-def test_a_later_source_can_fix_an_earlier_bad_value(tmp_path: Path) -> None:
+def test_a_later_source_can_fix_an_earlier_bad_value() -> None:
     """Values are checked after merging: a flag overriding a bad env value is fine."""
     c = load({"w": "1"}, env={"KVCLUSTER_W": "abc"})
     assert c.settings.w == 1
 
 
 # -- the kvcluster-node command --------------------------------------------------------------
-
-
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> list[cfg.Config]:
-    """Replace serve(): record the config the command would run with."""
-    configs: list[cfg.Config] = []
-
-    async def fake_serve(config: cfg.Config, ready: Any = None) -> None:
-        configs.append(config)
-
-    monkeypatch.setattr(node_main, "serve", fake_serve)
-    return configs
 
 
 def test_node_command_precedence(tmp_path: Path, served: list[cfg.Config]) -> None:

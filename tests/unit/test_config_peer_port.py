@@ -130,30 +130,22 @@ def test_bad_offset_in_a_toml_file_names_the_file(tmp_path: Path) -> None:
 
 def test_every_accepted_offset_gives_a_valid_peer_address() -> None:
     """What config accepts, main's peer_address() must accept too (no ValueError at start)."""
+    rejected: set[tuple[str, int]] = set()
     for listen in ("127.0.0.1:1", "127.0.0.1:7101", "127.0.0.1:63535"):
         for offset in (1, 999, 1001, 2000, 65534):
             try:
                 c = cfg.load({"listen": listen, FIELD: str(offset)}, None, {})
             except cfg.ConfigError as exc:
                 assert exc.field in (FIELD, "metrics_listen")
+                rejected.add((listen, offset))
                 continue
             peer = peer_address(c.listen, c.peer_port_offset)
             assert peer not in (c.listen, c.metrics_listen)
+    # only the moves past port 65535 are refused: the rest were all checked above
+    assert rejected == {("127.0.0.1:7101", 65534), ("127.0.0.1:63535", 65534)}
 
 
 # -- the kvcluster-node command ---------------------------------------------------------------
-
-
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> list[cfg.Config]:
-    """Replace serve(): record the config the command would run with."""
-    configs: list[cfg.Config] = []
-
-    async def fake_serve(config: cfg.Config, ready: Any = None) -> None:
-        configs.append(config)
-
-    monkeypatch.setattr(node_main, "serve", fake_serve)
-    return configs
 
 
 def test_node_command_flag_and_env(served: list[cfg.Config]) -> None:

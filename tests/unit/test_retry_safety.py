@@ -88,7 +88,9 @@ class _RecordingTransport:
         return PutReply(b"ctx", (b"v",))
 
 
-def _forward_with(first_error: TransportError) -> tuple[list[str], object]:
+def _forward_with(first_error: TransportError) -> tuple[list[str], object, list[str]]:
+    """Forward a write from n4 (not a replica); returns the nodes called, the outcome
+    and the key's replicas in preference order."""
     ring = new_ring(["n1", "n2", "n3", "n4"], q=8, n=2)
     partition = next(p for p in range(8) if "n4" not in ring.owners_of(p))
     targets = preference_list_for_partition(partition, ring, 2, frozenset(ring.members))
@@ -113,16 +115,17 @@ def _forward_with(first_error: TransportError) -> tuple[list[str], object]:
         except errors.KVError as exc:
             return exc
 
-    return transport.calls, asyncio.run(run())
+    return transport.calls, asyncio.run(run()), [t.node for t in targets]
 
 
 def test_forward_tries_next_replica_only_when_unsent() -> None:
-    calls, outcome = _forward_with(TransportError("x", "refused", sent=False))
-    assert len(calls) == 2
+    calls, outcome, replicas = _forward_with(TransportError("x", "refused", sent=False))
+    assert calls == replicas  # the first replica, then the next one
+    assert len(set(calls)) == 2
     assert outcome == WriteResult(b"ctx", [b"v"])
 
 
 def test_forward_after_a_maybe_applied_failure_is_a_timeout() -> None:
-    calls, outcome = _forward_with(TransportError("x", "no reply", sent=True))
-    assert len(calls) == 1  # not applied twice
+    calls, outcome, replicas = _forward_with(TransportError("x", "no reply", sent=True))
+    assert calls == replicas[:1]  # not applied twice
     assert isinstance(outcome, errors.Timeout)

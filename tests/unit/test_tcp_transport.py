@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -82,15 +82,37 @@ async def failure(call: Awaitable[Any]) -> tuple[TransportError, float]:
     return info.value, loop.time() - start
 
 
-def stuck_handler() -> tuple[asyncio.Event, Callable[[str, Any], Awaitable[Any]]]:
-    """A handler that never answers, and the event it sets once a request reached it."""
-    entered = asyncio.Event()
+@contextlib.asynccontextmanager
+async def connected(
+    handler: Callable[[str, Any], Awaitable[Any]] = echo, node_id: str = "n1", **kw: Any
+) -> AsyncIterator[tuple[TcpServer, TcpTransport]]:
+    """A started server and a transport to it (as ``"peer"``); both closed at the end."""
+    server = await start_server(handler, **kw)
+    transport = transport_to(server.port, node_id)
+    try:
+        yield server, transport
+    finally:
+        await transport.close()
+        await server.close()
 
-    async def stuck(src: str, msg: Any) -> Any:
-        entered.set()
-        await asyncio.Event().wait()
 
-    return entered, stuck
+class Held:
+    """A handler that holds requests until ``release`` is set, then echoes them.
+
+    It holds every request, or only ``Ping(epoch)`` when ``epoch`` is given, and
+    sets ``entered`` once a held request reached it. Never released, it never answers.
+    """
+
+    def __init__(self, epoch: int | None = None) -> None:
+        self.epoch = epoch
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, src: str, msg: Any) -> Any:
+        if self.epoch is None or msg.epoch == self.epoch:
+            self.entered.set()
+            await self.release.wait()
+        return Pong(msg.epoch)
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -181,14 +203,11 @@ def test_round_trip_with_the_callers_node_id_as_source() -> None:
         return Pong(msg.epoch + 1)
 
     async def scenario() -> None:
-        server = await start_server(handler)
-        transport = transport_to(server.port, "n7")
-        assert await transport.call("peer", Ping(41), LONG) == Pong(42)
-        reply = await transport.call("peer", ReplicaRead((b"ab", b"", b"\x00\xff")), LONG)
-        assert reply == ReplicaReadReply((b"ba", b"", b"\xff\x00"))
-        assert len(server.connections) == 1  # both calls on one connection
-        await transport.close()
-        await server.close()
+        async with connected(handler, "n7") as (server, transport):
+            assert await transport.call("peer", Ping(41), LONG) == Pong(42)
+            reply = await transport.call("peer", ReplicaRead((b"ab", b"", b"\x00\xff")), LONG)
+            assert reply == ReplicaReadReply((b"ba", b"", b"\xff\x00"))
+            assert len(server.connections) == 1  # both calls on one connection
 
     run(scenario())
     assert seen == [("n7", Ping(41)), ("n7", ReplicaRead((b"ab", b"", b"\x00\xff")))]
@@ -202,15 +221,13 @@ def test_sources_are_told_apart_per_connection() -> None:
         return Pong(msg.epoch)
 
     async def scenario() -> None:
-        server = await start_server(handler)
-        a, b = transport_to(server.port, "a"), transport_to(server.port, "b")
-        assert await a.call("peer", Ping(1), LONG) == Pong(1)
-        assert await b.call("peer", Ping(2), LONG) == Pong(2)
-        assert await a.call("peer", Ping(3), LONG) == Pong(3)
-        assert len(server.connections) == 2
-        await a.close()
-        await b.close()
-        await server.close()
+        async with connected(handler, "a") as (server, a):
+            b = transport_to(server.port, "b")
+            assert await a.call("peer", Ping(1), LONG) == Pong(1)
+            assert await b.call("peer", Ping(2), LONG) == Pong(2)
+            assert await a.call("peer", Ping(3), LONG) == Pong(3)
+            assert len(server.connections) == 2
+            await b.close()
 
     run(scenario())
     assert seen == ["a", "b", "a"]
@@ -234,36 +251,30 @@ def test_concurrent_calls_on_one_connection_complete_out_of_order() -> None:
             answered.append(msg.epoch)
             return Pong(msg.epoch * 10)
 
-        server = await start_server(handler)
-        transport = transport_to(server.port)
         completed: list[int] = []
+        async with connected(handler) as (server, transport):
 
-        async def one(i: int) -> Any:
-            reply = await transport.call("peer", Ping(i), LONG)
-            completed.append(i)
-            return reply
+            async def one(i: int) -> Any:
+                reply = await transport.call("peer", Ping(i), LONG)
+                completed.append(i)
+                return reply
 
-        replies = await asyncio.gather(*(one(i) for i in range(n)))
-        assert replies == [Pong(i * 10) for i in range(n)]  # each its own reply
-        assert sorted(completed) == list(range(n))
-        assert completed == answered  # in the order the handler answered...
-        assert completed != sorted(completed)  # ...which is not the order of the requests
-        assert len(server.connections) == 1
-        await transport.close()
-        await server.close()
+            replies = await asyncio.gather(*(one(i) for i in range(n)))
+            assert replies == [Pong(i * 10) for i in range(n)]  # each its own reply
+            assert sorted(completed) == list(range(n))
+            assert completed == answered  # in the order the handler answered...
+            assert completed != sorted(completed)  # ...which is not the order of the requests
+            assert len(server.connections) == 1
 
     run(scenario())
 
 
 def test_calls_on_a_new_peer_share_one_connect() -> None:
     async def scenario() -> None:
-        server = await start_server()
-        transport = transport_to(server.port)
-        replies = await asyncio.gather(*(transport.call("peer", Ping(i), LONG) for i in range(20)))
-        assert replies == [Pong(i) for i in range(20)]
-        assert len(server.connections) == 1
-        await transport.close()
-        await server.close()
+        async with connected() as (server, transport):
+            calls = (transport.call("peer", Ping(i), LONG) for i in range(20))
+            assert await asyncio.gather(*calls) == [Pong(i) for i in range(20)]
+            assert len(server.connections) == 1
 
     run(scenario())
 
@@ -290,14 +301,11 @@ def test_a_kverror_reaches_the_caller_as_the_same_class_with_its_data(
         raise err
 
     async def scenario() -> None:
-        server = await start_server(handler)
-        transport = transport_to(server.port)
-        with pytest.raises(errors.KVError) as info:
-            await transport.call("peer", Ping(1), LONG)
-        assert type(info.value) is type(err)
-        assert errors.to_wire(info.value) == errors.to_wire(err)
-        await transport.close()
-        await server.close()
+        async with connected(handler) as (_, transport):
+            with pytest.raises(errors.KVError) as info:
+                await transport.call("peer", Ping(1), LONG)
+            assert type(info.value) is type(err)
+            assert errors.to_wire(info.value) == errors.to_wire(err)
 
     run(scenario())
 
@@ -307,14 +315,11 @@ def test_unavailable_keeps_required_and_alive() -> None:
         raise errors.Unavailable(3, 2)
 
     async def scenario() -> None:
-        server = await start_server(handler)
-        transport = transport_to(server.port)
-        with pytest.raises(errors.Unavailable) as info:
-            await transport.call("peer", Ping(1), LONG)
-        assert (info.value.required, info.value.alive) == (3, 2)
-        assert info.value.message == errors.Unavailable(3, 2).message
-        await transport.close()
-        await server.close()
+        async with connected(handler) as (_, transport):
+            with pytest.raises(errors.Unavailable) as info:
+                await transport.call("peer", Ping(1), LONG)
+            assert (info.value.required, info.value.alive) == (3, 2)
+            assert info.value.message == errors.Unavailable(3, 2).message
 
     run(scenario())
 
@@ -328,16 +333,13 @@ def test_other_exceptions_reach_the_caller_as_internal() -> None:
         return Pong(msg.epoch)
 
     async def scenario() -> None:
-        server = await start_server(handler)
-        transport = transport_to(server.port)
-        with pytest.raises(errors.Internal, match="RuntimeError: boom"):
-            await transport.call("peer", Ping(1), LONG)
-        with pytest.raises(errors.Internal, match="TypeError"):
-            await transport.call("peer", Ping(2), LONG)
-        assert await transport.call("peer", Ping(3), LONG) == Pong(3)  # connection intact
-        assert len(server.connections) == 1
-        await transport.close()
-        await server.close()
+        async with connected(handler) as (server, transport):
+            with pytest.raises(errors.Internal, match="RuntimeError: boom"):
+                await transport.call("peer", Ping(1), LONG)
+            with pytest.raises(errors.Internal, match="TypeError"):
+                await transport.call("peer", Ping(2), LONG)
+            assert await transport.call("peer", Ping(3), LONG) == Pong(3)  # connection intact
+            assert len(server.connections) == 1
 
     run(scenario())
 
@@ -350,14 +352,12 @@ def test_an_unencodable_message_fails_before_anything_is_sent() -> None:
         return Pong(msg.epoch)
 
     async def scenario() -> None:
-        server = await start_server(handler)
-        transport = transport_to(server.port)
-        assert await transport.call("peer", Ping(1), LONG) == Pong(1)
-        with pytest.raises(TypeError):
-            await transport.call("peer", object(), LONG)
-        assert await transport.call("peer", Ping(2), LONG) == Pong(2)
-        await transport.close()
-        await server.close()
+        async with connected(handler) as (server, transport):
+            assert await transport.call("peer", Ping(1), LONG) == Pong(1)
+            with pytest.raises(TypeError):
+                await transport.call("peer", object(), LONG)
+            assert await transport.call("peer", Ping(2), LONG) == Pong(2)
+            assert len(server.connections) == 1  # the failed encode did not break it
 
     run(scenario())
     assert seen == [Ping(1), Ping(2)]
@@ -422,13 +422,16 @@ def test_closing_the_transport_while_connecting_fails_the_call_unsent(
     """Regression: the cancelled connect used to reach the caller as CancelledError."""
 
     async def scenario() -> None:
+        dialing = asyncio.Event()
+
         async def hang(*args: Any, **kwargs: Any) -> Any:
+            dialing.set()
             await asyncio.Event().wait()
 
         monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", hang)
         transport = transport_to(40000)
         call = asyncio.ensure_future(failure(transport.call("peer", Ping(1), LONG)))
-        await asyncio.sleep(0.01)  # the call is now waiting for the connect
+        await dialing.wait()  # the call is now waiting for the connect
         assert not call.done()
         await transport.close()
         err, elapsed = await call
@@ -445,16 +448,17 @@ def test_moving_the_peer_while_connecting_fails_the_call_unsent(
         server = await start_server()
         loop = asyncio.get_running_loop()
         real = loop.create_connection
-        release = asyncio.Event()
+        dialing, release = asyncio.Event(), asyncio.Event()
 
         async def slow(*args: Any, **kwargs: Any) -> Any:
+            dialing.set()
             await release.wait()
             return await real(*args, **kwargs)
 
         monkeypatch.setattr(loop, "create_connection", slow)
         transport = transport_to(40000)
         call = asyncio.ensure_future(failure(transport.call("peer", Ping(1), LONG)))
-        await asyncio.sleep(0.01)
+        await dialing.wait()  # the call is now waiting for the connect
         transport.set_address("peer", service_address(server.port))
         err, _ = await call
         assert err.sent is False
@@ -468,17 +472,14 @@ def test_moving_the_peer_while_connecting_fails_the_call_unsent(
 
 def test_cancelling_a_caller_while_connecting_is_a_plain_cancellation() -> None:
     async def scenario() -> None:
-        server = await start_server()
-        transport = transport_to(server.port)
-        call = asyncio.ensure_future(transport.call("peer", Ping(1), LONG))
-        await asyncio.sleep(0)
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        assert await transport.call("peer", Ping(2), LONG) == Pong(2)
-        assert len(server.connections) == 1  # the first call's connect was not wasted
-        await transport.close()
-        await server.close()
+        async with connected() as (server, transport):
+            call = asyncio.ensure_future(transport.call("peer", Ping(1), LONG))
+            await asyncio.sleep(0)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert await transport.call("peer", Ping(2), LONG) == Pong(2)
+            assert len(server.connections) == 1  # the first call's connect was not wasted
 
     run(scenario())
 
@@ -511,47 +512,29 @@ def test_a_peer_that_hangs_up_on_connect_fails_the_call_at_once_unsent() -> None
 
 def test_a_handler_that_never_answers_times_out_as_maybe_sent() -> None:
     async def scenario() -> None:
-        started = asyncio.Event()
-
-        async def handler(src: str, msg: Any) -> Any:
-            if msg.epoch == 1:
-                started.set()
-                await asyncio.Event().wait()
-            return Pong(msg.epoch)
-
-        server = await start_server(handler)
-        transport = transport_to(server.port)
-        err, elapsed = await failure(transport.call("peer", Ping(1), 0.2))
-        assert started.is_set()  # it did reach the handler
-        assert err.sent is True
-        assert "no reply" in err.reason
-        assert 0.15 <= elapsed < PROMPT
-        assert await transport.call("peer", Ping(2), LONG) == Pong(2)  # connection kept
-        assert len(server.connections) == 1
-        await transport.close()
-        await server.close()
+        held = Held(epoch=1)
+        async with connected(held) as (server, transport):
+            err, elapsed = await failure(transport.call("peer", Ping(1), 0.2))
+            assert held.entered.is_set()  # it did reach the handler
+            assert err.sent is True
+            assert "no reply" in err.reason
+            assert 0.15 <= elapsed < PROMPT
+            assert await transport.call("peer", Ping(2), LONG) == Pong(2)  # connection kept
+            assert len(server.connections) == 1
 
     run(scenario())
 
 
 def test_a_late_reply_after_a_timeout_is_ignored() -> None:
     async def scenario() -> None:
-        late = asyncio.Event()
-
-        async def handler(src: str, msg: Any) -> Any:
-            if msg.epoch == 1:
-                await late.wait()
-            return Pong(msg.epoch)
-
-        server = await start_server(handler)
-        transport = transport_to(server.port)
-        err, _ = await failure(transport.call("peer", Ping(1), 0.2))
-        assert err.sent is True
-        late.set()  # now the reply to Ping(1) arrives, with nobody waiting for it
-        for i in range(2, 5):
-            assert await transport.call("peer", Ping(i), LONG) == Pong(i)
-        await transport.close()
-        await server.close()
+        held = Held(epoch=1)
+        async with connected(held) as (server, transport):
+            err, _ = await failure(transport.call("peer", Ping(1), 0.2))
+            assert err.sent is True
+            held.release.set()  # now the reply to Ping(1) arrives, with nobody waiting for it
+            for i in range(2, 5):
+                assert await transport.call("peer", Ping(i), LONG) == Pong(i)
+            assert len(server.connections) == 1  # the stray reply broke nothing
 
     run(scenario())
 
@@ -605,8 +588,10 @@ def test_restart_right_after_the_drop_is_noticed_reconnects() -> None:
         await restarted.start(f"127.0.0.1:{port}")
         # the first call may still find the old connection open (the drop not yet
         # read): it then fails as maybe-sent at once; the next one must reconnect
-        with contextlib.suppress(TransportError):
+        try:
             assert await transport.call("peer", Ping(2), LONG) == Pong(2)
+        except TransportError as err:
+            assert err.sent is True, err
         assert await transport.call("peer", Ping(3), LONG) == Pong(3)
         await transport.close()
         await restarted.close()
@@ -616,30 +601,27 @@ def test_restart_right_after_the_drop_is_noticed_reconnects() -> None:
 
 def test_a_dropped_connection_fails_pending_calls_at_once() -> None:
     async def scenario() -> None:
-        entered, stuck = stuck_handler()
-        server = await start_server(stuck)
-        transport = transport_to(server.port)
-        call = asyncio.ensure_future(failure(transport.call("peer", Ping(1), LONG)))
-        await entered.wait()
-        (conn,) = server.connections
-        conn.abort()  # a reset connection; the server keeps listening
-        err, elapsed = await call
-        assert err.sent is True
-        assert "connection" in err.reason
-        assert elapsed < PROMPT
-        await transport.close()
-        await server.close()
+        held = Held()
+        async with connected(held) as (server, transport):
+            call = asyncio.ensure_future(failure(transport.call("peer", Ping(1), LONG)))
+            await held.entered.wait()
+            (conn,) = server.connections
+            conn.abort()  # a reset connection; the server keeps listening
+            err, elapsed = await call
+            assert err.sent is True
+            assert "connection" in err.reason
+            assert elapsed < PROMPT
 
     run(scenario())
 
 
 def test_closing_the_transport_fails_pending_calls_at_once() -> None:
     async def scenario() -> None:
-        entered, stuck = stuck_handler()
-        server = await start_server(stuck)
+        held = Held()
+        server = await start_server(held)
         transport = transport_to(server.port)
         call = asyncio.ensure_future(failure(transport.call("peer", Ping(1), LONG)))
-        await entered.wait()
+        await held.entered.wait()
         await transport.close()
         err, elapsed = await call
         assert err.sent is True
@@ -692,21 +674,19 @@ def test_drops_from_a_source_times_out_its_calls_and_heals() -> None:
             seen.append(src)
             return Pong(msg.epoch)
 
-        server = await start_server(handler, drops_from=lambda src: src in cut)
-        a, b = transport_to(server.port, "a"), transport_to(server.port, "b")
-        err, elapsed = await failure(a.call("peer", Ping(1), 0.2))
-        assert err.sent is True
-        assert "no reply" in err.reason
-        assert elapsed >= 0.15
-        assert await b.call("peer", Ping(2), LONG) == Pong(2)  # others unaffected
-        assert seen == ["b"]  # the handler never saw a's message
-        cut.clear()  # the partition heals: the same connection carries replies again
-        assert await a.call("peer", Ping(3), LONG) == Pong(3)
-        assert seen == ["b", "a"]
-        assert len(server.connections) == 2
-        await a.close()
-        await b.close()
-        await server.close()
+        async with connected(handler, "a", drops_from=lambda src: src in cut) as (server, a):
+            b = transport_to(server.port, "b")
+            err, elapsed = await failure(a.call("peer", Ping(1), 0.2))
+            assert err.sent is True
+            assert "no reply" in err.reason
+            assert elapsed >= 0.15
+            assert await b.call("peer", Ping(2), LONG) == Pong(2)  # others unaffected
+            assert seen == ["b"]  # the handler never saw a's message
+            cut.clear()  # the partition heals: the same connection carries replies again
+            assert await a.call("peer", Ping(3), LONG) == Pong(3)
+            assert seen == ["b", "a"]
+            assert len(server.connections) == 2
+            await b.close()
 
     run(scenario())
 
@@ -731,33 +711,22 @@ GARBAGE: list[tuple[str, bytes]] = [
 @pytest.mark.parametrize("garbage", [g for _, g in GARBAGE], ids=[name for name, _ in GARBAGE])
 def test_garbage_closes_only_that_connection(garbage: bytes) -> None:
     async def scenario() -> None:
-        gate = asyncio.Event()
-        entered = asyncio.Event()
+        held = Held(epoch=1)
+        async with connected(held) as (server, transport):
+            in_flight = asyncio.ensure_future(transport.call("peer", Ping(1), LONG))
+            await held.entered.wait()  # a well-behaved connection with a call in flight
 
-        async def handler(src: str, msg: Any) -> Any:
-            if msg.epoch == 1:
-                entered.set()
-                await gate.wait()
-            return Pong(msg.epoch)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            await until(lambda: len(server.connections) == 2)
+            writer.write(garbage)
+            await writer.drain()
+            assert await hung_up(reader)  # the server hung up on it
+            writer.close()
+            await until(lambda: len(server.connections) == 1)
 
-        server = await start_server(handler)
-        transport = transport_to(server.port)
-        in_flight = asyncio.ensure_future(transport.call("peer", Ping(1), LONG))
-        await entered.wait()  # a well-behaved connection with a call in flight
-
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        await until(lambda: len(server.connections) == 2)
-        writer.write(garbage)
-        await writer.drain()
-        assert await hung_up(reader)  # the server hung up on it
-        writer.close()
-        await until(lambda: len(server.connections) == 1)
-
-        gate.set()
-        assert await in_flight == Pong(1)  # the other connection is untouched
-        assert await transport.call("peer", Ping(2), LONG) == Pong(2)
-        await transport.close()
-        await server.close()
+            held.release.set()
+            assert await in_flight == Pong(1)  # the other connection is untouched
+            assert await transport.call("peer", Ping(2), LONG) == Pong(2)
 
     run(scenario())
 
@@ -766,18 +735,15 @@ def test_a_frame_over_max_frame_closes_the_connection(monkeypatch: pytest.Monkey
     monkeypatch.setattr(tcp_transport, "MAX_FRAME", 4096)
 
     async def scenario() -> None:
-        server = await start_server()
-        transport = transport_to(server.port)
-        assert await transport.call("peer", Ping(1), LONG) == Pong(1)
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(codec.encode((HELLO, "big")))
-        writer.write(codec.encode((REQUEST, 1, ReplicaRead((b"x" * 8192,)))))
-        await writer.drain()
-        assert await hung_up(reader)
-        writer.close()
-        assert await transport.call("peer", Ping(2), LONG) == Pong(2)
-        await transport.close()
-        await server.close()
+        async with connected() as (server, transport):
+            assert await transport.call("peer", Ping(1), LONG) == Pong(1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(codec.encode((HELLO, "big")))
+            writer.write(codec.encode((REQUEST, 1, ReplicaRead((b"x" * 8192,)))))
+            await writer.drain()
+            assert await hung_up(reader)
+            writer.close()
+            assert await transport.call("peer", Ping(2), LONG) == Pong(2)
 
     run(scenario())
 
@@ -787,14 +753,11 @@ def test_large_messages_cross_many_reads() -> None:
         return ReplicaReadReply(tuple(k[::-1] for k in msg.pkeys))
 
     async def scenario() -> None:
-        server = await start_server(handler)
-        transport = transport_to(server.port)
-        keys = tuple(bytes([i]) * (512 * 1024) + b"end" for i in range(4))  # 2 MiB
-        calls = [transport.call("peer", ReplicaRead(keys[i:]), LONG) for i in range(4)]
-        for i, reply in enumerate(await asyncio.gather(*calls)):
-            assert reply == ReplicaReadReply(tuple(k[::-1] for k in keys[i:]))
-        await transport.close()
-        await server.close()
+        async with connected(handler) as (_, transport):
+            keys = tuple(bytes([i]) * (512 * 1024) + b"end" for i in range(4))  # 2 MiB
+            calls = [transport.call("peer", ReplicaRead(keys[i:]), LONG) for i in range(4)]
+            for i, reply in enumerate(await asyncio.gather(*calls)):
+                assert reply == ReplicaReadReply(tuple(k[::-1] for k in keys[i:]))
 
     run(scenario())
 
@@ -835,38 +798,29 @@ def test_stream_decoder_rejects_an_oversized_frame() -> None:
 
 def test_set_address_with_the_same_address_keeps_the_connection() -> None:
     async def scenario() -> None:
-        server = await start_server()
-        transport = transport_to(server.port)
-        assert await transport.call("peer", Ping(1), LONG) == Pong(1)
-        before = set(server.connections)
-        transport.set_address("peer", service_address(server.port))
-        assert await transport.call("peer", Ping(2), LONG) == Pong(2)
-        assert set(server.connections) == before  # the same connection, not a new one
-        await transport.close()
-        await server.close()
+        async with connected() as (server, transport):
+            assert await transport.call("peer", Ping(1), LONG) == Pong(1)
+            before = set(server.connections)
+            transport.set_address("peer", service_address(server.port))
+            assert await transport.call("peer", Ping(2), LONG) == Pong(2)
+            assert set(server.connections) == before  # the same connection, not a new one
 
     run(scenario())
 
 
 def test_set_address_with_a_new_address_switches_peers() -> None:
     async def scenario() -> None:
-        entered = asyncio.Event()
-
-        async def old_handler(src: str, msg: Any) -> Any:
-            if msg.epoch == 1:
-                entered.set()
-                await asyncio.Event().wait()
-            return Pong(msg.epoch)
+        held = Held(epoch=1)
 
         async def new_handler(src: str, msg: Any) -> Any:
             return Pong(msg.epoch + 100)
 
-        old = await start_server(old_handler)
+        old = await start_server(held)
         new = await start_server(new_handler)
         transport = transport_to(old.port)
         assert await transport.call("peer", Ping(0), LONG) == Pong(0)
         pending = asyncio.ensure_future(failure(transport.call("peer", Ping(1), LONG)))
-        await entered.wait()
+        await held.entered.wait()
 
         transport.set_address("peer", service_address(new.port))
         err, elapsed = await pending  # the old connection is gone with its call

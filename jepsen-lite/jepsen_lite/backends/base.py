@@ -28,7 +28,7 @@ Subclass :class:`Backend`, set ``name``, and implement the hooks marked
   are restored. Use real network rules where the backend can (iptables in a
   namespace or container) and :func:`set_inprocess_faults` (the node's
   ``Admin.SetFaults`` RPC) for the rest. There is no netem on this machine's kernel:
-  latency and clock offset are always in-process;
+  latency and clock offset are always in-process (:meth:`NodeFaults.latency_and_clock`);
 - :meth:`Backend._stop_cluster` stops every process and removes everything the
   backend created (namespaces, links, rules, containers). It must be safe to call
   after a failed or partial start and more than once;
@@ -49,7 +49,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -58,11 +58,12 @@ import grpc
 
 from jepsen_lite.errors import HarnessError
 from kvcluster import Client, errors
+from kvcluster.cli import dev
 from kvcluster.core.hashing import partition_of, pkey
 from kvcluster.core.record import decode_record, live_values
 from kvcluster.net import codec
 from kvcluster.net.messages import ReplicaRead, ReplicaReadReply
-from kvcluster.wire.v1 import admin_pb2, admin_pb2_grpc, internal_pb2, internal_pb2_grpc
+from kvcluster.wire.v1 import admin_pb2, internal_pb2, internal_pb2_grpc
 
 __all__ = [
     "Backend",
@@ -70,6 +71,8 @@ __all__ = [
     "NodeState",
     "ReplicaStates",
     "blocked_from_groups",
+    "bridged_traffic_crosses_iptables",
+    "replication",
     "set_inprocess_faults",
     "settings_env",
 ]
@@ -92,6 +95,11 @@ class NodeFaults:
     @property
     def healthy(self) -> bool:
         return self == NodeFaults()
+
+    def latency_and_clock(self) -> NodeFaults:
+        """Only the faults that are always in-process (latency, clock offset), for a
+        backend that cuts links and loses packets with network rules."""
+        return NodeFaults(delay_ms=self.delay_ms, clock_offset_ms=self.clock_offset_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,29 +175,36 @@ def settings_env(settings: Mapping[str, Any]) -> dict[str, str]:
     return env
 
 
-def set_inprocess_faults(
-    address: str,
-    *,
-    blocked: Iterable[str] = (),
-    loss: float = 0.0,
-    delay_ms: tuple[float, float] = (0.0, 0.0),
-    clock_offset_ms: int = 0,
-    timeout: float = 3.0,
-) -> None:
-    """Replace the in-process faults of the node at ``address`` (``Admin.SetFaults``;
-    see :mod:`kvcluster.net.faults`). The defaults heal it."""
-    request = admin_pb2.Faults(
-        blocked=sorted(blocked),
-        loss=loss,
-        delay_ms_min=delay_ms[0],
-        delay_ms_max=delay_ms[1],
-        clock_offset_ms=clock_offset_ms,
-    )
-    with grpc.insecure_channel(address) as channel:
-        try:
-            admin_pb2_grpc.AdminStub(channel).SetFaults(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise HarnessError(f"{address}: cannot set faults: {exc.details()}") from None
+def replication(settings: Mapping[str, Any], nodes: int) -> tuple[dict[str, Any], int, int, int]:
+    """Split ``n_val``, ``r`` and ``w`` off node settings: ``(other settings, N, R, W)``,
+    N defaulting to min(3, nodes) and R and W to a quorum of N (as ``kvctl dev up``)."""
+    opts = dict(settings)
+    n = int(opts.pop("n_val", min(3, nodes)))
+    quorum = n // 2 + 1
+    return opts, n, int(opts.pop("r", quorum)), int(opts.pop("w", quorum))
+
+
+def bridged_traffic_crosses_iptables() -> bool:
+    """Whether bridged packets go through the host's iptables (``br_netfilter`` with
+    ``bridge-nf-call-iptables`` on)."""
+    bridged = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    return bridged.exists() and bridged.read_text().strip() == "1"
+
+
+def set_inprocess_faults(address: str, faults: NodeFaults, timeout: float = 3.0) -> None:
+    """Make ``faults`` the in-process faults of the node at ``address`` (``Admin.SetFaults``;
+    see :mod:`kvcluster.net.faults`). ``NodeFaults()`` heals it."""
+    try:
+        dev.set_faults(
+            address,
+            blocked=faults.blocked,
+            loss=faults.loss,
+            delay_ms=faults.delay_ms,
+            clock_offset_ms=faults.clock_offset_ms,
+            timeout=timeout,
+        )
+    except dev.DevError as exc:
+        raise HarnessError(str(exc)) from None
 
 
 class Backend(ABC):
@@ -215,7 +230,7 @@ class Backend(ABC):
         """Start ``nodes`` nodes (ids ``n1``..) with these node settings (names of
         ``kvcluster-node`` settings, e.g. ``{"request_timeout": 2, "unsafe_lww": True}``);
         return the ids once every node is ready. Raise :class:`HarnessError` on failure
-        (after cleaning up what was started)."""
+        (:meth:`start` then calls :meth:`_stop_cluster` to remove what was started)."""
 
     @abstractmethod
     def address(self, node: str) -> str:
@@ -252,10 +267,15 @@ class Backend(ABC):
     # ----------------------------------------------------------------- lifecycle
 
     def start(self, nodes: int, settings: Mapping[str, Any]) -> None:
-        """Start the cluster and wait until every node is ready."""
+        """Start the cluster and wait until every node is ready; if that fails (or is
+        interrupted), remove what was started and raise."""
         if not 1 <= nodes <= 9:
             raise HarnessError(f"--nodes must be within 1..9, got {nodes}")
-        ids = self._start_cluster(nodes, settings)
+        try:
+            ids = self._start_cluster(nodes, settings)
+        except BaseException:
+            self._stop_cluster()
+            raise
         with self._lock:
             self._ids = list(ids)
             self._state = {n: "running" for n in ids}
@@ -300,38 +320,38 @@ class Backend(ABC):
             self._state[node] = "killed"
 
     def start_node(self, node: str) -> None:
-        with self._lock:
-            if self.state(node) != "killed":
-                return
-            self._start_node(node)
-            self._state[node] = "running"
-            self._reapply(node)
+        self._transition(node, "killed", self._start_node, "running")
 
     def restart(self, node: str) -> None:
         self.kill(node)
         self.start_node(node)
 
     def pause(self, node: str) -> None:
-        with self._lock:
-            if self.state(node) != "running":
-                return
-            self._pause_node(node)
-            self._state[node] = "paused"
+        self._transition(node, "running", self._pause_node, "paused")
 
     def resume(self, node: str) -> None:
+        self._transition(node, "paused", self._resume_node, "running")
+
+    def _transition(
+        self, node: str, before: NodeState, hook: Callable[[str], None], after: NodeState
+    ) -> None:
+        """Move ``node`` from state ``before`` to ``after`` by calling ``hook``; a node in
+        any other state is left alone. A node that runs again gets its faults back."""
         with self._lock:
-            if self.state(node) != "paused":
+            if self.state(node) != before:
                 return
-            self._resume_node(node)
-            self._state[node] = "running"
-            self._reapply(node)
+            hook(node)
+            self._state[node] = after
+            if after == "running":
+                self._reapply(node)
 
     # ----------------------------------------------------------------- faults
 
-    def _update(self, node: str, faults: NodeFaults) -> None:
+    def _update(self, node: str, **changes: Any) -> None:
+        """Change some of ``node``'s faults; installed now if it runs, else when it runs again."""
         with self._lock:
             old = self._faults[self._check(node)]
-            self._faults[node] = faults
+            faults = self._faults[node] = replace(old, **changes)
             if faults != old and self._state[node] == "running":
                 self._apply_faults(node, faults)
 
@@ -352,7 +372,7 @@ class Backend(ABC):
                     full[a].add(b)
                     full[b].add(a)
         for node in self._ids:
-            self._update(node, replace(self._faults[node], blocked=frozenset(full[node])))
+            self._update(node, blocked=frozenset(full[node]))
 
     def partition(self, groups: Sequence[Collection[str]]) -> None:
         """Split the cluster into ``groups`` (nodes not named form one more group)."""
@@ -365,17 +385,17 @@ class Backend(ABC):
         """Lose this fraction of the messages between ``node`` and its peers (0 heals)."""
         if not 0.0 <= probability <= 1.0:
             raise HarnessError(f"loss must be within 0..1, got {probability}")
-        self._update(node, replace(self._faults[self._check(node)], loss=probability))
+        self._update(node, loss=probability)
 
     def set_latency(self, node: str, min_ms: float, max_ms: float) -> None:
         """Delay every message ``node`` sends to a peer by U(min, max) ms (0, 0 heals)."""
         if not 0 <= min_ms <= max_ms:
             raise HarnessError(f"latency must be 0 <= min <= max, got {min_ms}..{max_ms}")
-        self._update(node, replace(self._faults[self._check(node)], delay_ms=(min_ms, max_ms)))
+        self._update(node, delay_ms=(min_ms, max_ms))
 
     def set_clock_offset(self, node: str, offset_ms: int) -> None:
         """Skew ``node``'s wall clock by ``offset_ms`` (0 heals)."""
-        self._update(node, replace(self._faults[self._check(node)], clock_offset_ms=offset_ms))
+        self._update(node, clock_offset_ms=offset_ms)
 
     def heal(self) -> list[str]:
         """Undo every fault: resume paused nodes, start killed ones, remove partitions,
@@ -390,12 +410,13 @@ class Backend(ABC):
                 self.start_node(node)
                 done.append(f"started {node}")
         for node in self._ids:
-            if not self.faults(node).healthy:
-                done.append(f"healed {node}")
-            self._update(node, NodeFaults())
-            # A node may hold faults the bookkeeping does not know (e.g. a failed call
-            # left them half applied): install the healthy state unconditionally.
-            self._apply_faults(node, NodeFaults())
+            with self._lock:
+                if not self.faults(node).healthy:
+                    done.append(f"healed {node}")
+                self._faults[node] = NodeFaults()
+                # A node may hold faults the bookkeeping does not know (e.g. a failed call
+                # left them half applied): install the healthy state unconditionally.
+                self._apply_faults(node, NodeFaults())
         return done
 
     # ----------------------------------------------------------------- cluster APIs
@@ -405,25 +426,38 @@ class Backend(ABC):
 
     def status(self, node: str, timeout: float = 2.0) -> admin_pb2.StatusResponse | None:
         """The node's Admin.Status, or None if it does not answer."""
-        with grpc.insecure_channel(self.address(node)) as channel:
-            try:
-                return admin_pb2_grpc.AdminStub(channel).Status(
-                    admin_pb2.StatusRequest(), timeout=timeout
-                )
-            except grpc.RpcError:
-                return None
+        return dev.node_status(self.address(node), timeout=timeout)
 
     def wait_ready(self, nodes: Iterable[str] | None = None, timeout: float = 60.0) -> None:
         """Wait until the nodes answer with an agreed ring; HarnessError if they do not."""
-        pending = list(self._ids if nodes is None else nodes)
+        self._await_ready(self._ids if nodes is None else nodes, timeout)
+
+    def _await_ready(
+        self,
+        nodes: Iterable[str],
+        timeout: float,
+        *,
+        exited: Callable[[str], str | None] | None = None,
+        status_timeout: float = 1.0,
+        interval: float = 0.2,
+    ) -> None:
+        """Poll until every node in ``nodes`` is ready. HarnessError after ``timeout``,
+        or at once with the message ``exited(node)`` returns for a node that is gone."""
+        pending = list(nodes)
         end = time.monotonic() + timeout
         while pending:
-            pending = [n for n in pending if not ((st := self.status(n, 1.0)) and st.ready)]
+            for node in list(pending):
+                why = None if exited is None else exited(node)
+                if why is not None:
+                    raise HarnessError(why)
+                st = self.status(node, status_timeout)
+                if st is not None and st.ready:
+                    pending.remove(node)
             if not pending:
                 return
             if time.monotonic() > end:
                 raise HarnessError(f"{', '.join(pending)} not ready after {timeout:g}s")
-            time.sleep(0.2)
+            time.sleep(interval)
 
     def hints_pending(self) -> dict[str, int | None]:
         """Hints each node still holds for others (None: the node did not answer)."""

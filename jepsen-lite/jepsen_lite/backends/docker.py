@@ -51,9 +51,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jepsen_lite.backends.base import Backend, NodeFaults, set_inprocess_faults, settings_env
+from jepsen_lite.backends.base import (
+    Backend,
+    NodeFaults,
+    bridged_traffic_crosses_iptables,
+    replication,
+    set_inprocess_faults,
+    settings_env,
+)
 from jepsen_lite.errors import HarnessError
-from kvcluster.cli import dev
 
 __all__ = ["DockerBackend", "preflight"]
 
@@ -68,6 +74,13 @@ CHAIN_PREFIX = "JL-"
 HOOK_CHAIN = "DOCKER-USER"
 #: hang guards for single docker commands (never performance assertions)
 DOCKER_TIMEOUT = 120.0
+#: per kind of object a run creates: how to list them, the format of their labels, how
+#: to remove one
+_OBJECTS = {
+    "container": (("docker", "ps", "-aq"), "{{json .Config.Labels}}", ("docker", "rm", "-f", "-v")),
+    "network": (("docker", "network", "ls", "-q"), "{{json .Labels}}", ("docker", "network", "rm")),
+    "volume": (("docker", "volume", "ls", "-q"), "{{json .Labels}}", ("docker", "volume", "rm")),
+}
 
 
 def _run(
@@ -99,12 +112,19 @@ def _host_iptables_usable() -> str | None:
         return "not root"
     if shutil.which("iptables") is None:
         return "no iptables on the host"
-    bridged = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
-    if not bridged.exists() or bridged.read_text().strip() != "1":
+    if not bridged_traffic_crosses_iptables():
         return "bridged traffic does not cross iptables (bridge-nf-call-iptables is off)"
     if _run("iptables", "-L", HOOK_CHAIN, "-n", check=False).returncode != 0:
         return f"no {HOOK_CHAIN} chain (Docker's iptables integration is off)"
     return None
+
+
+def _drop_chains(chains: Sequence[str]) -> None:
+    """Flush, then delete, these iptables chains (no chain still jumps to another)."""
+    for chain in chains:
+        _run("iptables", "-F", chain, check=False)
+    for chain in chains:
+        _run("iptables", "-X", chain, check=False)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -152,28 +172,18 @@ class DockerBackend(Backend):
         """Containers, networks and volumes of runs whose harness process is gone
         (started on this host, by a PID that no longer exists)."""
         stale: set[str] = set()
-        for kind in ("container", "network", "volume"):
-            cmd = ["docker", kind, "ls", "-q", "--filter", f"label={LABEL}"]
-            if kind == "container":
-                cmd = ["docker", "ps", "-aq", "--filter", f"label={LABEL}"]
-            ids = _run(*cmd, check=False).stdout.split()
-            for obj in ids:
-                fmt = "{{json .Config.Labels}}" if kind == "container" else "{{json .Labels}}"
+        host = socket.gethostname()
+        for kind, (ls, fmt, rm) in _OBJECTS.items():
+            for obj in _run(*ls, "--filter", f"label={LABEL}", check=False).stdout.split():
                 raw = _run("docker", kind, "inspect", "--format", fmt, obj, check=False).stdout
                 try:
                     labels = json.loads(raw or "{}") or {}
                     pid = int(labels.get(PID_LABEL, "0"))
                 except (ValueError, TypeError):
                     continue
-                same_host = labels.get(HOST_LABEL) == socket.gethostname()
-                if pid and same_host and not _pid_alive(pid):
+                if pid and labels.get(HOST_LABEL) == host and not _pid_alive(pid):
                     stale.add(labels.get(LABEL, ""))
-                    rm = (
-                        ["docker", "rm", "-f", "-v", obj]
-                        if kind == "container"
-                        else ["docker", kind, "rm", obj]
-                    )
-                    _run(*rm, check=False)
+                    _run(*rm, obj, check=False)
         if stale and self.inprocess_reason is None:
             rules = _run("iptables", "-S", HOOK_CHAIN, check=False).stdout.splitlines()
             for run_id in sorted(s for s in stale if s):
@@ -184,16 +194,8 @@ class DockerBackend(Backend):
 
     def _delete_chains_of(self, chain: str) -> None:
         listing = _run("iptables", "-S", check=False).stdout.splitlines()
-        names = [
-            line.split()[1]
-            for line in listing
-            if line.startswith("-N ")
-            and (line.split()[1] == chain or line.split()[1].startswith(chain + "-"))
-        ]
-        for name in sorted(names, key=len):
-            _run("iptables", "-F", name, check=False)
-        for name in sorted(names, key=len):
-            _run("iptables", "-X", name, check=False)
+        names = [line.split()[1] for line in listing if line.startswith("-N ")]
+        _drop_chains(sorted((n for n in names if n == chain or n.startswith(chain + "-")), key=len))
 
     def _create_network(self) -> None:
         routes = _run("ip", "-4", "route", check=False).stdout if shutil.which("ip") else ""
@@ -241,10 +243,7 @@ class DockerBackend(Backend):
             while _run("iptables", "-D", HOOK_CHAIN, "-j", self.chain, check=False).returncode == 0:
                 pass
             self._hooked = False
-        for chain in reversed(self._chains):
-            _run("iptables", "-F", chain, check=False)
-        for chain in reversed(self._chains):
-            _run("iptables", "-X", chain, check=False)
+        _drop_chains(self._chains[::-1])
         self._chains.clear()
 
     def _inspect_state(self, node: str) -> dict[str, Any]:
@@ -254,24 +253,17 @@ class DockerBackend(Backend):
         state: dict[str, Any] = json.loads(raw)
         return state
 
+    def _exited(self, node: str) -> str | None:
+        state = self._inspect_state(node)
+        if state.get("Running"):
+            return None
+        return (
+            f"node {node} exited during start (exit {state.get('ExitCode')}):\n"
+            f"{self._log_tail(node)}"
+        )
+
     def _wait_ready(self, nodes: Sequence[str], timeout: float = 90.0) -> None:
-        end = time.monotonic() + timeout
-        pending = list(nodes)
-        while pending:
-            for node in list(pending):
-                state = self._inspect_state(node)
-                if not state.get("Running"):
-                    raise HarnessError(
-                        f"node {node} exited during start (exit {state.get('ExitCode')}):\n"
-                        f"{self._log_tail(node)}"
-                    )
-                st = dev.node_status(self.address(node), timeout=0.5)
-                if st is not None and st.ready:
-                    pending.remove(node)
-            if pending and time.monotonic() > end:
-                raise HarnessError(f"{', '.join(pending)} not ready after {timeout:g}s")
-            if pending:
-                time.sleep(0.2)
+        self._await_ready(nodes, timeout, exited=self._exited, status_timeout=0.5)
 
     def _log_tail(self, node: str, lines: int = 30) -> str:
         proc = _run("docker", "logs", "--tail", str(lines), self._containers[node], check=False)
@@ -307,66 +299,59 @@ class DockerBackend(Backend):
                 file=sys.stderr,
             )
         self.workdir.mkdir(parents=True, exist_ok=True)
-        opts = dict(settings)
-        n = int(opts.pop("n_val", min(3, nodes)))
-        quorum = n // 2 + 1
-        r, w = int(opts.pop("r", quorum)), int(opts.pop("w", quorum))
+        opts, n, r, w = replication(settings, nodes)
         ids = [f"n{i}" for i in range(1, nodes + 1)]
-        try:
-            self._remove_leftovers()
-            self._create_network()
-            assert self._subnet is not None
-            base = self._subnet.network_address
-            self._ips = {node: str(base + 10 + i) for i, node in enumerate(ids, start=1)}
-            if self.inprocess_reason is None:
-                self._setup_iptables(ids)
-            seeds = ",".join(f"{node}={self._ips[node]}:{PORT}" for node in ids)
-            env = {
-                **settings_env(opts),
-                "KVCLUSTER_SEEDS": seeds,
-                "KVCLUSTER_METRICS_LISTEN": "off",
-                "KVCLUSTER_N_VAL": str(n),
-                "KVCLUSTER_R": str(r),
-                "KVCLUSTER_W": str(w),
+        self._remove_leftovers()
+        self._create_network()
+        assert self._subnet is not None
+        base = self._subnet.network_address
+        self._ips = {node: str(base + 10 + i) for i, node in enumerate(ids, start=1)}
+        if self.inprocess_reason is None:
+            self._setup_iptables(ids)
+        seeds = ",".join(f"{node}={self._ips[node]}:{PORT}" for node in ids)
+        env = {
+            **settings_env(opts),
+            "KVCLUSTER_SEEDS": seeds,
+            "KVCLUSTER_METRICS_LISTEN": "off",
+            "KVCLUSTER_N_VAL": str(n),
+            "KVCLUSTER_R": str(r),
+            "KVCLUSTER_W": str(w),
+        }
+        for node in ids:
+            volume = f"{self.network}-{node}"
+            _run("docker", "volume", "create", *self._labels(), volume)
+            self._volumes.append(volume)
+            node_env = {
+                **env,
+                "KVCLUSTER_NODE_ID": node,
+                "KVCLUSTER_LISTEN": f"0.0.0.0:{PORT}",
+                "KVCLUSTER_ADVERTISE": f"{self._ips[node]}:{PORT}",
             }
-            for node in ids:
-                volume = f"{self.network}-{node}"
-                _run("docker", "volume", "create", *self._labels(), volume)
-                self._volumes.append(volume)
-                node_env = {
-                    **env,
-                    "KVCLUSTER_NODE_ID": node,
-                    "KVCLUSTER_LISTEN": f"0.0.0.0:{PORT}",
-                    "KVCLUSTER_ADVERTISE": f"{self._ips[node]}:{PORT}",
-                }
-                env_args = [a for k, v in sorted(node_env.items()) for a in ("-e", f"{k}={v}")]
-                proc = _run(
-                    "docker",
-                    "run",
-                    "--detach",
-                    "--name",
-                    f"{self.network}-{node}",
-                    "--hostname",
-                    node,
-                    "--network",
-                    self.network,
-                    "--ip",
-                    self._ips[node],
-                    "--volume",
-                    f"{volume}:/var/lib/kvcluster",
-                    "--restart",
-                    "no",
-                    "--stop-timeout",
-                    "10",
-                    *self._labels(),
-                    *env_args,
-                    self.image,
-                )
-                self._containers[node] = proc.stdout.strip()
-            self._wait_ready(ids)
-        except BaseException:
-            self._stop_cluster()
-            raise
+            env_args = [a for k, v in sorted(node_env.items()) for a in ("-e", f"{k}={v}")]
+            proc = _run(
+                "docker",
+                "run",
+                "--detach",
+                "--name",
+                f"{self.network}-{node}",
+                "--hostname",
+                node,
+                "--network",
+                self.network,
+                "--ip",
+                self._ips[node],
+                "--volume",
+                f"{volume}:/var/lib/kvcluster",
+                "--restart",
+                "no",
+                "--stop-timeout",
+                "10",
+                *self._labels(),
+                *env_args,
+                self.image,
+            )
+            self._containers[node] = proc.stdout.strip()
+        self._wait_ready(ids)
         return ids
 
     def address(self, node: str) -> str:
@@ -396,13 +381,7 @@ class DockerBackend(Backend):
 
     def _apply_faults(self, node: str, faults: NodeFaults) -> None:
         if self.inprocess_reason is not None:
-            set_inprocess_faults(
-                self.address(node),
-                blocked=faults.blocked,
-                loss=faults.loss,
-                delay_ms=faults.delay_ms,
-                clock_offset_ms=faults.clock_offset_ms,
-            )
+            set_inprocess_faults(self.address(node), faults)
             return
         me = self._ips[node]
         rules = [["-s", me, "-d", self._ips[b], "-j", "DROP"] for b in sorted(faults.blocked)]
@@ -417,9 +396,7 @@ class DockerBackend(Backend):
         _run("iptables", "-F", chain)
         for rule in rules:
             _run("iptables", "-A", chain, *rule)
-        set_inprocess_faults(
-            self.address(node), delay_ms=faults.delay_ms, clock_offset_ms=faults.clock_offset_ms
-        )
+        set_inprocess_faults(self.address(node), faults.latency_and_clock())
 
     def _stop_cluster(self) -> None:
         try:

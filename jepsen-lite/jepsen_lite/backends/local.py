@@ -18,11 +18,17 @@ import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from jepsen_lite.backends.base import Backend, NodeFaults, set_inprocess_faults, settings_env
+from jepsen_lite.backends.base import (
+    Backend,
+    NodeFaults,
+    replication,
+    set_inprocess_faults,
+    settings_env,
+)
 from jepsen_lite.errors import HarnessError
 from kvcluster.cli import dev
 
@@ -40,6 +46,15 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+@contextlib.contextmanager
+def _dev_errors() -> Iterator[None]:
+    """Report the launcher's errors as the harness's."""
+    try:
+        yield
+    except dev.DevError as exc:
+        raise HarnessError(str(exc)) from None
 
 
 class LocalBackend(Backend):
@@ -85,10 +100,7 @@ class LocalBackend(Backend):
 
     def _start_cluster(self, nodes: int, settings: Mapping[str, Any]) -> list[str]:
         base = self._reserve_ports(nodes)
-        opts = dict(settings)
-        n_val = opts.pop("n_val", None)
-        r = opts.pop("r", None)
-        w = opts.pop("w", None)
+        opts, n_val, r, w = replication(settings, nodes)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._started = True
         try:
@@ -96,15 +108,14 @@ class LocalBackend(Backend):
                 self.workdir,
                 nodes=nodes,
                 base_port=base,
-                n_val=None if n_val is None else int(n_val),
-                r=None if r is None else int(r),
-                w=None if w is None else int(w),
+                n_val=n_val,
+                r=r,
+                w=w,
                 settings={"metrics_listen": "off"},
                 env=settings_env(opts),
                 timeout=60.0,
             )
         except dev.DevError as exc:
-            self._release_ports()
             raise HarnessError(f"local cluster did not start: {exc}") from None
         return [n.id for n in self._cluster.nodes]
 
@@ -117,37 +128,23 @@ class LocalBackend(Backend):
         return self._dev().node(node).address
 
     def _kill_node(self, node: str) -> None:
-        try:
+        with _dev_errors():
             dev.kill(self.workdir, node)
-        except dev.DevError as exc:
-            raise HarnessError(str(exc)) from None
 
     def _start_node(self, node: str) -> None:
-        try:
+        with _dev_errors():
             dev.restart(self.workdir, node, wait=True, timeout=60.0)
-        except dev.DevError as exc:
-            raise HarnessError(str(exc)) from None
 
     def _pause_node(self, node: str) -> None:
-        try:
+        with _dev_errors():
             dev.pause(self.workdir, node)
-        except dev.DevError as exc:
-            raise HarnessError(str(exc)) from None
 
     def _resume_node(self, node: str) -> None:
-        try:
+        with _dev_errors():
             dev.resume(self.workdir, node)
-        except dev.DevError as exc:
-            raise HarnessError(str(exc)) from None
 
     def _apply_faults(self, node: str, faults: NodeFaults) -> None:
-        set_inprocess_faults(
-            self.address(node),
-            blocked=faults.blocked,
-            loss=faults.loss,
-            delay_ms=faults.delay_ms,
-            clock_offset_ms=faults.clock_offset_ms,
-        )
+        set_inprocess_faults(self.address(node), faults)
 
     def _stop_cluster(self) -> None:
         if self._started and (self.workdir / dev.STATE_FILE).exists():

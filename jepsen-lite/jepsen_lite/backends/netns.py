@@ -34,12 +34,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from jepsen_lite.backends.base import Backend, NodeFaults, set_inprocess_faults, settings_env
+from jepsen_lite.backends.base import (
+    Backend,
+    NodeFaults,
+    bridged_traffic_crosses_iptables,
+    replication,
+    set_inprocess_faults,
+    settings_env,
+)
 from jepsen_lite.errors import HarnessError
 from kvcluster.cli import dev
 
@@ -148,24 +155,23 @@ class NetnsBackend(Backend):
                 os.kill(int(pid), signal.SIGKILL)
         _run("ip", "netns", "del", ns, check=False)
 
-    def _setup_network(self, count: int) -> None:
+    def _setup_network(self, nodes: Sequence[_Node]) -> None:
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
         self._bridge = True
         _run("ip", "addr", "add", f"{HOST_IP}/24", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
-        bridged = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
-        if bridged.exists() and bridged.read_text().strip() == "1":
+        if bridged_traffic_crosses_iptables():
             _run("iptables", "-I", "FORWARD", "1", *FORWARD_RULE)
             self._forward_rule = True
-        for i in range(1, count + 1):
-            ns, veth, ip = f"{NS_PREFIX}n{i}", f"kvjh{i}", f"{SUBNET_PREFIX}.{10 + i}"
+        for node in nodes:
+            ns, veth = node.ns, node.veth
             _run("ip", "netns", "add", ns)
             self._created_ns.append(ns)
             _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
             self._created_veths.append(veth)
             _run("ip", "link", "set", veth, "master", BRIDGE, "up")
             inside = ("ip", "netns", "exec", ns)
-            _run(*inside, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+            _run(*inside, "ip", "addr", "add", f"{node.ip}/24", "dev", "eth0")
             _run(*inside, "ip", "link", "set", "eth0", "up")
             _run(*inside, "ip", "link", "set", "lo", "up")
             for chain in ("KVJ-PART", "KVJ-LOSS"):
@@ -223,23 +229,14 @@ class NetnsBackend(Backend):
             time.sleep(0.02)
         return not self._running(node)
 
-    def _wait_ready(self, nodes: list[_Node], timeout: float = 60.0) -> None:
-        end = time.monotonic() + timeout
-        pending = list(nodes)
-        while pending:
-            for node in list(pending):
-                if not self._running(node):
-                    raise HarnessError(
-                        f"node {node.id} exited during start:\n{dev.tail(str(node.log))}"
-                    )
-                st = dev.node_status(f"{node.ip}:{PORT}", timeout=0.5)
-                if st is not None and st.ready:
-                    pending.remove(node)
-            if pending and time.monotonic() > end:
-                names = ", ".join(n.id for n in pending)
-                raise HarnessError(f"{names} not ready after {timeout:g}s")
-            if pending:
-                time.sleep(0.1)
+    def _exited(self, node_id: str) -> str | None:
+        node = self._nodes[node_id]
+        if self._running(node):
+            return None
+        return f"node {node.id} exited during start:\n{dev.tail(str(node.log))}"
+
+    def _wait_ready(self, nodes: Sequence[str], timeout: float = 60.0) -> None:
+        self._await_ready(nodes, timeout, exited=self._exited, status_timeout=0.5, interval=0.1)
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -247,61 +244,54 @@ class NetnsBackend(Backend):
         preflight()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._acquire()
-        try:
-            self._remove_leftovers()
-            self._setup_network(nodes)
-            opts = dict(settings)
-            n = int(opts.pop("n_val", min(3, nodes)))
-            quorum = n // 2 + 1
-            r, w = int(opts.pop("r", quorum)), int(opts.pop("w", quorum))
-            ids = [f"n{i}" for i in range(1, nodes + 1)]
-            ips = {f"n{i}": f"{SUBNET_PREFIX}.{10 + i}" for i in range(1, nodes + 1)}
-            seeds = ",".join(f"{i}={ips[i]}:{PORT}" for i in ids)
-            for i, node_id in enumerate(ids, start=1):
-                home = self.workdir.resolve() / node_id
-                home.mkdir(parents=True, exist_ok=True)
-                ns = f"{NS_PREFIX}n{i}"
-                argv = [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    sys.executable,
-                    "-m",
-                    "kvcluster.server.main",
-                    "--node-id",
-                    node_id,
-                    "--listen",
-                    f"{ips[node_id]}:{PORT}",
-                    "--data-dir",
-                    str(home / "data"),
-                    "--seeds",
-                    seeds,
-                    "--metrics-listen",
-                    "off",
-                    "--n-val",
-                    str(n),
-                    "--r",
-                    str(r),
-                    "--w",
-                    str(w),
-                ]
-                self._nodes[node_id] = _Node(
-                    node_id,
-                    ns,
-                    ips[node_id],
-                    f"kvjh{i}",
-                    home / "data",
-                    home / "node.log",
-                    argv,
-                    settings_env(opts),
-                )
-            for node in self._nodes.values():
-                self._spawn(node)
-            self._wait_ready(list(self._nodes.values()))
-        except BaseException:
-            self._stop_cluster()
-            raise
+        self._remove_leftovers()
+        opts, n, r, w = replication(settings, nodes)
+        ids = [f"n{i}" for i in range(1, nodes + 1)]
+        ips = {f"n{i}": f"{SUBNET_PREFIX}.{10 + i}" for i in range(1, nodes + 1)}
+        seeds = ",".join(f"{i}={ips[i]}:{PORT}" for i in ids)
+        for i, node_id in enumerate(ids, start=1):
+            home = self.workdir.resolve() / node_id
+            home.mkdir(parents=True, exist_ok=True)
+            ns = f"{NS_PREFIX}n{i}"
+            argv = [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "kvcluster.server.main",
+                "--node-id",
+                node_id,
+                "--listen",
+                f"{ips[node_id]}:{PORT}",
+                "--data-dir",
+                str(home / "data"),
+                "--seeds",
+                seeds,
+                "--metrics-listen",
+                "off",
+                "--n-val",
+                str(n),
+                "--r",
+                str(r),
+                "--w",
+                str(w),
+            ]
+            self._nodes[node_id] = _Node(
+                node_id,
+                ns,
+                ips[node_id],
+                f"kvjh{i}",
+                home / "data",
+                home / "node.log",
+                argv,
+                settings_env(opts),
+            )
+        self._setup_network(list(self._nodes.values()))
+        for node in self._nodes.values():
+            self._spawn(node)
+        self._wait_ready(ids)
         return ids
 
     def address(self, node: str) -> str:
@@ -318,7 +308,7 @@ class NetnsBackend(Backend):
         if self._running(n):
             return
         self._spawn(n)
-        self._wait_ready([n])
+        self._wait_ready([node])
 
     def _pause_node(self, node: str) -> None:
         self._signal(self._nodes[node], signal.SIGSTOP)
@@ -345,9 +335,7 @@ class NetnsBackend(Backend):
             for peer in peers:
                 loss += [["-s", peer.ip, *stat], ["-d", peer.ip, *stat]]
         self._iptables(n, "KVJ-LOSS", loss)
-        set_inprocess_faults(
-            self.address(node), delay_ms=faults.delay_ms, clock_offset_ms=faults.clock_offset_ms
-        )
+        set_inprocess_faults(self.address(node), faults.latency_and_clock())
 
     def _stop_cluster(self) -> None:
         try:

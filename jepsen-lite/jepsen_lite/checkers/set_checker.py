@@ -227,18 +227,14 @@ def _check_key(
         if add.is_ok and not later:
             acc.never_read.append(SetAnomaly("never-read", key, elem, add))
             continue
-        if stale_after_ack:
+        if stale_after_ack:  # only acknowledged adds, by the reads after the ack
             acked = add.complete_pos if add.is_ok else None
-            stale = [
-                i
-                for i, r in enumerate(key_reads)
-                if acked is not None
-                and r.invoke_pos > acked
-                and i not in finals
-                and e not in contents[i]
-            ]
-        else:
-            stale = [i for i in later if i not in finals and e not in contents[i]]
+            later = (
+                []
+                if acked is None
+                else [i for i, r in enumerate(key_reads) if r.invoke_pos > acked]
+            )
+        stale = [i for i in later if i not in finals and e not in contents[i]]
         if stale:
             acc.stale.append(SetAnomaly("stale", key, elem, add, read_ops(stale)))
         if add.is_ok:

@@ -17,16 +17,19 @@ completion:
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 from jepsen_lite.backends.base import ReplicaStates
 from jepsen_lite.history import HistoryRecorder, Op, OpType, Validity
-from kvcluster import Client, errors
+from kvcluster import Client, ReadResult, errors
 from kvcluster.client.policies import Decision, NodeFailure
 
 __all__ = [
@@ -207,20 +210,29 @@ class Workload(ABC):
 
     name: ClassVar[str] = "workload"
     description: ClassVar[str] = ""
+    key_prefix: ClassVar[str] = "key"  # keys are named <key_prefix>-0, <key_prefix>-1, ...
 
     def __init__(self, options: WorkloadOptions) -> None:
         self.options = options
         self._lock = threading.Lock()
         self._keys: list[str] = []
+        self._values = itertools.count(1)
 
     def node_settings(self) -> dict[str, Any]:
         """Node settings this workload needs (merged under the user's)."""
         return {}
 
-    def _new_key(self, name: str) -> str:
+    def _new_key(self) -> str:
+        """A key never used before (remembered for :meth:`keys`)."""
         with self._lock:
+            name = f"{self.key_prefix}-{len(self._keys)}"
             self._keys.append(name)
         return name
+
+    def _new_value(self) -> int:
+        """A value never written before: 1, 2, ... across every key and worker."""
+        with self._lock:
+            return next(self._values)
 
     def keys(self) -> list[str]:
         """Every key the workload has used."""
@@ -228,12 +240,37 @@ class Workload(ABC):
             return list(self._keys)
 
     @abstractmethod
+    def decode_read(self, read: ReadResult) -> Any:
+        """What a read returned, as recorded in the history (its ``ok`` value)."""
+
+    def _read(
+        self, ctx: WorkerContext, key: str, *, final: bool = False, **options: Any
+    ) -> ReadResult | None:
+        """Record a read of ``key`` (``Client.get`` with these options); the result
+        if it succeeded."""
+        ok, read = ctx.call(
+            "read",
+            key,
+            None,
+            partial(ctx.client.get, key, **options),
+            write=False,
+            result=self.decode_read,
+            extra={"final": True} if final else None,
+        )
+        return read if ok else None
+
+    @abstractmethod
     def run_worker(self, ctx: WorkerContext) -> None:
         """Issue operations until ``ctx.stop`` is set."""
 
-    @abstractmethod
-    def final_reads(self, ctx: WorkerContext) -> None:
-        """After healing and repair: read every key once more (``extra["final"]``)."""
+    def final_reads(self, ctx: WorkerContext, *, attempts: int = 10, pause: float = 0.5) -> None:
+        """After healing and repair: read every key once more (``extra["final"]``,
+        r = all), retrying each until it succeeds (at most ``attempts`` times)."""
+        for key in self.keys():
+            for _ in range(attempts):
+                if self._read(ctx, key, final=True, r="all", strict=True) is not None:
+                    break
+                time.sleep(pause)
 
     @staticmethod
     @abstractmethod
@@ -241,27 +278,6 @@ class Workload(ABC):
         history: Sequence[Op], replicas: ReplicaStates | None, options: WorkloadOptions
     ) -> CheckOutcome:
         """Check a history (and the replicas' final states) of this workload."""
-
-
-def read_final(
-    ctx: WorkerContext,
-    key: str,
-    f: str,
-    action: Callable[[], T],
-    result: Callable[[Any], Any],
-    *,
-    attempts: int = 10,
-    pause: float = 0.5,
-) -> bool:
-    """A final read of ``key`` (``extra["final"] = True``), retried until it succeeds."""
-    import time
-
-    for _ in range(attempts):
-        ok, _out = ctx.call(f, key, None, action, write=False, result=result, extra={"final": True})
-        if ok:
-            return True
-        time.sleep(pause)
-    return False
 
 
 def convergence_outcome(

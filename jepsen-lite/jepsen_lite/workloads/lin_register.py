@@ -62,7 +62,6 @@ from jepsen_lite.workloads.base import (
     Workload,
     WorkloadOptions,
     convergence_outcome,
-    read_final,
     slim,
 )
 from jepsen_lite.workloads.register import decode_values
@@ -78,6 +77,7 @@ class LinRegisterWorkload(Workload):
     description: ClassVar[str] = (
         "single-writer multi-value registers, r=all, checked for linearizability"
     )
+    key_prefix: ClassVar[str] = "lin"
 
     def __init__(self, options: WorkloadOptions) -> None:
         super().__init__(options)
@@ -85,52 +85,38 @@ class LinRegisterWorkload(Workload):
         self.per_key = int(options.extra.get("writes_per_key", 60))
         self.read_quorum = str(options.extra.get("read_quorum", "all"))
         self._alloc = threading.Lock()
-        self._next_key = 0
-        self._next_value = 0
-        self._slots = [self._fresh_key() for _ in range(self.writers)]
+        self._slots = [self._new_key() for _ in range(self.writers)]
 
-    def _fresh_key(self) -> str:
-        name = self._new_key(f"lin-{self._next_key}")
-        self._next_key += 1
-        return name
+    def decode_read(self, read: ReadResult) -> list[int]:
+        return decode_values(read)
 
     def _rotate(self, slot: int) -> None:
         with self._alloc:
-            self._slots[slot] = self._fresh_key()
+            self._slots[slot] = self._new_key()
 
     def _key(self, slot: int) -> str:
         with self._alloc:
             return self._slots[slot]
 
-    def _read(self, ctx: WorkerContext, key: str) -> ReadResult | None:
-        ok, read = ctx.call(
-            "read",
-            key,
-            None,
-            partial(ctx.client.get, key, r=self.read_quorum, strict=True),
-            write=False,
-            result=decode_values,
-        )
-        return read if ok else None
+    def _read_key(self, ctx: WorkerContext, key: str) -> ReadResult | None:
+        return self._read(ctx, key, r=self.read_quorum, strict=True)
 
     def run_worker(self, ctx: WorkerContext) -> None:
         if ctx.worker < self.writers:
             self._write_loop(ctx, ctx.worker)
         else:
             while not ctx.stop.is_set():
-                self._read(ctx, self._key(ctx.rng.randrange(self.writers)))
+                self._read_key(ctx, self._key(ctx.rng.randrange(self.writers)))
 
     def _write_loop(self, ctx: WorkerContext, slot: int) -> None:
         writes = 0
         while not ctx.stop.is_set():
             key = self._key(slot)
-            read = self._read(ctx, key)
+            read = self._read_key(ctx, key)
             if read is None:
                 ctx.stop.wait(0.05)
                 continue
-            with self._alloc:
-                self._next_value += 1
-                value = self._next_value
+            value = self._new_value()
             context = read.context
             before = ctx.process
             ctx.call(
@@ -146,16 +132,6 @@ class LinRegisterWorkload(Workload):
                 # Unknown outcome: the write may land later; never write this key again.
                 self._rotate(slot)
                 writes = 0
-
-    def final_reads(self, ctx: WorkerContext) -> None:
-        for key in self.keys():
-            read_final(
-                ctx,
-                key,
-                "read",
-                partial(ctx.client.get, key, r="all", strict=True),
-                decode_values,
-            )
 
     @staticmethod
     def check(

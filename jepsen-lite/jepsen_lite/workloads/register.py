@@ -26,6 +26,7 @@ by one read and not by the next). And every replica converged.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, ClassVar
@@ -40,7 +41,6 @@ from jepsen_lite.workloads.base import (
     Workload,
     WorkloadOptions,
     convergence_outcome,
-    read_final,
     slim,
 )
 from kvcluster import ReadResult
@@ -56,50 +56,32 @@ def decode_values(r: ReadResult) -> list[int]:
 class RegisterWorkload(Workload):
     name: ClassVar[str] = "register"
     description: ClassVar[str] = "multi-writer registers with contexts, blind writes and deletes"
+    key_prefix: ClassVar[str] = "reg"
 
     def __init__(self, options: WorkloadOptions) -> None:
         super().__init__(options)
         self.active_keys = int(options.extra.get("active_keys", 3))
         self.per_key = int(options.extra.get("writes_per_key", 200))
         self._alloc = threading.Lock()
-        self._slots: list[str] = []
-        self._count: dict[str, int] = {}
-        self._next_key = 0
-        self._next_value = 0
-        for _ in range(self.active_keys):
-            self._slots.append(self._fresh_key())
+        self._slots = [self._new_key() for _ in range(self.active_keys)]
+        self._count: Counter[str] = Counter()  # writes per key
 
-    def _fresh_key(self) -> str:
-        name = self._new_key(f"reg-{self._next_key}")
-        self._next_key += 1
-        self._count[name] = 0
-        return name
+    def decode_read(self, read: ReadResult) -> list[int]:
+        return decode_values(read)
 
     def _key(self, slot: int) -> str:
         with self._alloc:
             return self._slots[slot]
 
     def _value(self, key: str) -> int:
+        """A new value to write to ``key``; the key rotates out after ``per_key`` writes."""
         with self._alloc:
-            self._count[key] = self._count.get(key, 0) + 1
+            self._count[key] += 1
             if self._count[key] >= self.per_key:
                 for i, k in enumerate(self._slots):
                     if k == key:
-                        self._slots[i] = self._fresh_key()
-            self._next_value += 1
-            return self._next_value
-
-    def _read(self, ctx: WorkerContext, key: str) -> ReadResult | None:
-        strict = self.options.strict
-        ok, read = ctx.call(
-            "read",
-            key,
-            None,
-            partial(ctx.client.get, key, strict=strict),
-            write=False,
-            result=decode_values,
-        )
-        return read if ok else None
+                        self._slots[i] = self._new_key()
+            return self._new_value()
 
     def run_worker(self, ctx: WorkerContext) -> None:
         strict = self.options.strict
@@ -107,7 +89,7 @@ class RegisterWorkload(Workload):
             key = self._key(ctx.rng.randrange(self.active_keys))
             roll = ctx.rng.random()
             if roll < 0.30:
-                self._read(ctx, key)
+                self._read(ctx, key, strict=strict)
             elif roll < 0.45:
                 value = self._value(key)
                 ctx.call(
@@ -118,7 +100,7 @@ class RegisterWorkload(Workload):
                     write=True,
                 )
             elif roll < 0.95:
-                read = self._read(ctx, key)
+                read = self._read(ctx, key, strict=strict)
                 if read is None:
                     continue
                 value, context = self._value(key), read.context
@@ -131,7 +113,7 @@ class RegisterWorkload(Workload):
                     extra={SEEN: decode_values(read)},
                 )
             else:
-                read = self._read(ctx, key)
+                read = self._read(ctx, key, strict=strict)
                 if read is None or not read.found:
                     continue
                 context = read.context
@@ -143,16 +125,6 @@ class RegisterWorkload(Workload):
                     write=True,
                     extra={SEEN: decode_values(read)},
                 )
-
-    def final_reads(self, ctx: WorkerContext) -> None:
-        for key in self.keys():
-            read_final(
-                ctx,
-                key,
-                "read",
-                partial(ctx.client.get, key, r="all", strict=True),
-                decode_values,
-            )
 
     @staticmethod
     def check(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, ClassVar
@@ -43,9 +44,9 @@ from jepsen_lite.workloads.base import (
     Workload,
     WorkloadOptions,
     convergence_outcome,
-    read_final,
     slim,
 )
+from kvcluster import ReadResult
 
 __all__ = ["SetWorkload", "decode_set"]
 
@@ -68,48 +69,34 @@ def encode_set(items: Sequence[int]) -> bytes:
 class SetWorkload(Workload):
     name: ClassVar[str] = "set"
     description: ClassVar[str] = "read-modify-write adds of unique elements to a few shared sets"
+    key_prefix: ClassVar[str] = "set"
 
     def __init__(self, options: WorkloadOptions) -> None:
         super().__init__(options)
         self.active_keys = int(options.extra.get("active_keys", 3))
         self.per_key = int(options.extra.get("elements_per_key", 100))
-        self._slots: list[str] = []
-        self._count: dict[str, int] = {}
-        self._next_key = 0
-        self._next_element = 0
         self._alloc = threading.Lock()
-        for _ in range(self.active_keys):
-            self._slots.append(self._fresh_key())
+        self._slots = [self._new_key() for _ in range(self.active_keys)]
+        self._count: Counter[str] = Counter()  # adds per key
 
-    def _fresh_key(self) -> str:
-        name = self._new_key(f"set-{self._next_key}")
-        self._next_key += 1
-        self._count[name] = 0
-        return name
+    def decode_read(self, read: ReadResult) -> list[int]:
+        return decode_set(read.values)
 
     def _allocate(self, slot: int) -> tuple[str, int]:
         """A key and a new unique element for it (rotating full keys)."""
         with self._alloc:
             key = self._slots[slot]
             if self._count[key] >= self.per_key:
-                key = self._slots[slot] = self._fresh_key()
+                key = self._slots[slot] = self._new_key()
             self._count[key] += 1
-            self._next_element += 1
-            return key, self._next_element
+            return key, self._new_value()
 
     def run_worker(self, ctx: WorkerContext) -> None:
         strict = self.options.strict
         while not ctx.stop.is_set():
             key, element = self._allocate(ctx.rng.randrange(self.active_keys))
-            ok, read = ctx.call(
-                "read",
-                key,
-                None,
-                partial(ctx.client.get, key, strict=strict),
-                write=False,
-                result=lambda r: decode_set(r.values),
-            )
-            if not ok or read is None:
+            read = self._read(ctx, key, strict=strict)
+            if read is None:
                 continue
             context = read.context
             value = encode_set([*decode_set(read.values), element])
@@ -119,16 +106,6 @@ class SetWorkload(Workload):
                 element,
                 partial(ctx.client.put, key, value, context=context, strict=strict),
                 write=True,
-            )
-
-    def final_reads(self, ctx: WorkerContext) -> None:
-        for key in self.keys():
-            read_final(
-                ctx,
-                key,
-                "read",
-                partial(ctx.client.get, key, r="all", strict=True),
-                lambda r: decode_set(r.values),
             )
 
     @staticmethod
