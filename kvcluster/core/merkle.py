@@ -12,8 +12,10 @@ is a 128-bit unsigned int (16 bytes big-endian on disk and on the wire).
 
 Segments: XOR of leaf hashes
 ----------------------------
-A key's leaf hash is ``leaf_hash(key, value)``, a keyed 128-bit BLAKE2b of the
-length-prefixed key followed by the value bytes. A segment's hash is the XOR
+A key's leaf hash is ``leaf_hash(key, value)``, a seeded 128-bit XXH3 of the
+length-prefixed key followed by the value bytes (every write hashes two
+leaves on every replica: XXH3 does a 1 KiB record in a sixth of BLAKE2b's
+time, and a non-cryptographic hash is all the XOR below can use anyway). A segment's hash is the XOR
 of the leaf hashes of the keys in it (0 when it is empty). XOR makes a write
 O(1) without reading any other key: :func:`segment_after` XORs out the old
 leaf and XORs in the new one. That is sound because a segment holds each key
@@ -63,6 +65,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, cast
 
+import xxhash
+
 from kvcluster.core.hashing import key_hash as ring_key_hash
 
 __all__ = [
@@ -86,6 +90,7 @@ __all__ = [
     "level_hashes",
     "level_sizes",
     "rebuild_segments",
+    "replace_leaf",
     "segment_after",
     "segment_of",
 ]
@@ -95,7 +100,7 @@ DEFAULT_FANOUT = 32
 HASH_BYTES = 16
 _HASH_LIMIT = 1 << (8 * HASH_BYTES)
 _KEY_HASH_LIMIT = 1 << 64
-_LEAF_PERSON = b"kvc.merkle.leaf"
+_LEAF_SEED = int.from_bytes(b"kvc.leaf", "big")  # apart from any unseeded XXH3 use
 _NODE_PERSON = b"kvc.merkle.node"
 
 #: A key's 64-bit ring hash (``kvcluster.core.hashing.key_hash``).
@@ -127,11 +132,7 @@ def leaf_hash(key: bytes, value: bytes) -> int:
     The key is length-prefixed, so no two different pairs hash the same input
     (``(b"ab", b"c")`` vs ``(b"a", b"bc")``).
     """
-    h = hashlib.blake2b(digest_size=HASH_BYTES, person=_LEAF_PERSON)
-    h.update(len(key).to_bytes(4, "big"))
-    h.update(key)
-    h.update(value)
-    return int.from_bytes(h.digest(), "big")
+    return xxhash.xxh3_128_intdigest(len(key).to_bytes(4, "big") + key + value, _LEAF_SEED)
 
 
 def segment_after(
@@ -147,12 +148,21 @@ def segment_after(
         raise ValueError(f"segment hash {old_segment_hash} is not a 128-bit unsigned int")
     if old_value == new_value:
         return old_segment_hash
-    result = old_segment_hash
-    if old_value is not None:
-        result ^= leaf_hash(key, old_value)
-    if new_value is not None:
-        result ^= leaf_hash(key, new_value)
-    return result
+    return replace_leaf(
+        old_segment_hash,
+        None if old_value is None else leaf_hash(key, old_value),
+        None if new_value is None else leaf_hash(key, new_value),
+    )
+
+
+def replace_leaf(segment_hash: int, old_leaf: int | None, new_leaf: int | None) -> int:
+    """:func:`segment_after` for a caller that already holds the leaf hashes
+    (``None`` for absent), e.g. a store that compared one of them first."""
+    if old_leaf is not None:
+        segment_hash ^= old_leaf
+    if new_leaf is not None:
+        segment_hash ^= new_leaf
+    return segment_hash
 
 
 def rebuild_segments(

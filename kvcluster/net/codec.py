@@ -22,6 +22,7 @@ import msgpack
 
 _BY_TAG: dict[int, type[Any]] = {}
 _TAG_OF: dict[type[Any], int] = {}
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}  # field names in declaration order
 
 M = TypeVar("M")
 
@@ -42,6 +43,7 @@ def message(tag: int) -> Callable[[type[M]], type[M]]:
             raise ValueError(f"tag {tag} used by {_BY_TAG[tag].__name__} and {cls.__name__}")
         _BY_TAG[tag] = cls
         _TAG_OF[cls] = tag
+        _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
         return cls
 
     return register
@@ -51,7 +53,7 @@ def _default(obj: Any) -> Any:
     tag = _TAG_OF.get(type(obj))
     if tag is None:
         raise TypeError(f"cannot encode {type(obj).__name__}")
-    fields = tuple(getattr(obj, f.name) for f in dataclasses.fields(obj))
+    fields = tuple([getattr(obj, name) for name in _FIELDS[type(obj)]])
     return msgpack.ExtType(tag, msgpack.packb(fields, default=_default, use_bin_type=True))
 
 

@@ -70,6 +70,11 @@ class WriteItem:
     pkey: bytes
     record: bytes
     hint_for: str | None  # set when the receiver stands in for this down owner
+    #: For a coordinated write: the Merkle leaf hash (16 bytes) of the copy the
+    #: coordinator applied the write to, or b"" if it had none. ``record``
+    #: descends from that copy, so a receiver holding the same copy stores
+    #: ``record`` as it is, with no dvvset sync. None: unknown (repair, handoff).
+    base: bytes | None = None
 
 
 @message(19)

@@ -475,7 +475,7 @@ class Coordinator:
             if isinstance(outcome, errors.KVError):
                 results[i] = outcome
                 continue
-            record, clock = outcome
+            record, clock, base = outcome
             result = WriteResult(encode_context(dvvset.join(clock)), live_values(clock))
             tally = Tally(required, [t.node for t in place.targets])
             tally.ok(self.node_id)
@@ -488,7 +488,7 @@ class Coordinator:
             for target in place.targets:
                 if target.node == self.node_id:
                     continue
-                item = WriteItem(place.pkey, record, target.hint_for)
+                item = WriteItem(place.pkey, record, target.hint_for, base)
                 fut = _submit(self.links[target.node].write, item, deadline)
                 fut.add_done_callback(functools.partial(self._write_done, op, batch, target))
         if ops:

@@ -138,12 +138,19 @@ class Node:
         incarnation = self.replica.incarnation
         node_id = self.node_id
 
-        def remember(view: Any) -> None:
+        def remember(view: Any) -> int:
             if view.get(Table.META, store.META_INCARNATION) is None:
                 view.put(Table.META, store.META_INCARNATION, incarnation.encode())
                 view.put(Table.META, store.META_NODE_ID, node_id.encode())
+            return store.upgrade_merkle_format(view)
 
-        await self.storage.write(remember)
+        rebuilt = await self.storage.write(remember)
+        if rebuilt:
+            log.warning(
+                "%s: Merkle trees of %d partitions rebuilt (stored with an older leaf hash)",
+                node_id,
+                rebuilt,
+            )
         self.replica.load_hint_counts()
         await self.membership.start()
         self.spawn(self.handoff.run())

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvcluster import errors
-from kvcluster.core import dvvset
+from kvcluster.core import dvvset, merkle
 from kvcluster.core.record import (
     CorruptRecord,
     Record,
@@ -35,6 +36,15 @@ class Event:
     sibling: Sibling
     context: dvvset.VersionVector
     hint_for: Sequence[str] = ()
+
+
+class Coordinated(NamedTuple):
+    """A client write applied here: the new record, its clock, and its base (see
+    :class:`~kvcluster.net.messages.WriteItem`) for the replicas it is sent to."""
+
+    record: bytes
+    clock: Record
+    base: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +99,11 @@ class LocalReplica:
         )
         if isinstance(outcome, Exception):
             raise outcome
-        return outcome
+        return outcome.record, outcome.clock
 
     async def coordinate_many(
         self, events: Sequence[Event], now_ms: int, lww: bool = False
-    ) -> list[tuple[bytes, Record] | errors.KVError]:
+    ) -> list[Coordinated | errors.KVError]:
         """Apply client writes as this node's events, in one group-committed write.
 
         For each event: ``context`` empty means the write supersedes nothing;
@@ -115,15 +125,14 @@ class LocalReplica:
             self.hints_dropped += len(event.hint_for) - len(hinted)
             prepared.append((event, new, hinted))
 
-        def apply(view: WriteView) -> list[tuple[bytes, Record, list[int]] | errors.KVError]:
-            out: list[tuple[bytes, Record, list[int]] | errors.KVError] = []
+        def apply(view: WriteView) -> list[tuple[Coordinated, list[int]] | errors.KVError]:
+            out: list[tuple[Coordinated, list[int]] | errors.KVError] = []
             for event, new, hinted in prepared:
                 pkey = event.pkey
                 raw = view.get(Table.DATA, pkey)
+                current = None if raw is None else store.stored_record(raw)
                 try:
-                    local: Record = (
-                        dvvset.empty() if raw is None else decode_record(store.stored_record(raw))
-                    )
+                    local: Record = dvvset.empty() if current is None else decode_record(current)
                 except CorruptRecord as exc:
                     out.append(errors.Internal(f"stored record of {pkey!r} is corrupt: {exc}"))
                     continue
@@ -132,24 +141,27 @@ class LocalReplica:
                 if lww:
                     updated = dvvset.lww(updated, _newest)
                 record = encode_record(updated)
-                store.replace_record(view, pkey, raw, record, epoch)
+                old_leaf = store.leaf_of(pkey, current)
+                store.replace_record(view, pkey, raw, record, epoch, old_leaf)
                 added = [_put_hint(view, target, pkey, now_ms) for target in hinted]
-                out.append((record, updated, added))
+                # update_with's result descends from `local`; lww's need not (unsafe mode)
+                base = None if lww else _base(old_leaf)
+                out.append((Coordinated(record, updated, base), added))
             return out
 
         try:
             results = await self.storage.write(apply)
         except errors.KVError as exc:
             return [exc] * len(events)
-        outcomes: list[tuple[bytes, Record] | errors.KVError] = []
+        outcomes: list[Coordinated | errors.KVError] = []
         for (_, _, hinted), result in zip(prepared, results, strict=True):
             if isinstance(result, errors.KVError):
                 outcomes.append(result)
                 continue
-            record, updated, added = result
+            coordinated, added = result
             for target, count in zip(hinted, added, strict=True):
                 self.hint_counts[target] = self.hint_counts.get(target, 0) + count
-            outcomes.append((record, updated))
+            outcomes.append(coordinated)
         return outcomes
 
     async def merge(self, items: Sequence[WriteItem], now_ms: int) -> list[str | None]:
@@ -165,7 +177,7 @@ class LocalReplica:
                     results.append((f"hint limit for {item.hint_for} reached: not stored", 0))
                     continue
                 try:
-                    merge_into(view, item.pkey, item.record)
+                    merge_into(view, item.pkey, item.record, item.base)
                 except CorruptRecord as exc:
                     results.append((f"corrupt record: {exc}", 0))
                     continue
@@ -224,19 +236,34 @@ class LocalReplica:
             self.hint_counts.pop(target, None)
 
 
-def merge_into(view: WriteView, pkey: bytes, incoming: bytes) -> bool:
-    """Sync ``incoming`` into the stored record; True if the stored bytes changed."""
-    theirs = decode_record(incoming)
+def merge_into(view: WriteView, pkey: bytes, incoming: bytes, base: bytes | None = None) -> bool:
+    """Sync ``incoming`` into the stored record; True if the stored bytes changed.
+
+    ``base`` (see :class:`~kvcluster.net.messages.WriteItem`): when it names
+    the copy stored here, ``incoming`` was made from this very copy and
+    descends from it, so their sync is ``incoming`` itself: it is stored as it
+    is, without decoding the stored copy or encoding the merge.
+    """
+    theirs = decode_record(incoming)  # never store what does not decode
     raw = view.get(Table.DATA, pkey)
     current = None if raw is None else store.stored_record(raw)
     if current == incoming:
         return False
+    old_leaf = store.leaf_of(pkey, current)
+    if base is not None and base == _base(old_leaf):
+        store.replace_record(view, pkey, raw, incoming, old_leaf=old_leaf)
+        return True
     merged = theirs if current is None else dvvset.sync(decode_record(current), theirs)
     record = encode_record(merged)
     if record == current:
         return False
-    store.replace_record(view, pkey, raw, record)
+    store.replace_record(view, pkey, raw, record, old_leaf=old_leaf)
     return True
+
+
+def _base(leaf: int | None) -> bytes:
+    """A WriteItem ``base``: the 16-byte leaf hash of a copy, b"" for no copy."""
+    return b"" if leaf is None else leaf.to_bytes(merkle.HASH_BYTES, "big")
 
 
 def _put_hint(view: WriteView, target: str, pkey: bytes, now_ms: int) -> int:

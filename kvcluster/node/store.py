@@ -15,7 +15,8 @@ HINTS
     the local record, read at delivery time, so many writes to one key make
     one hint.
 META
-    identity, cluster metadata, agreement state, actor epoch counter.
+    identity, cluster metadata, agreement state, actor epoch counter, and the
+    Merkle leaf-hash format.
 
 Actors. A dvvset dot ``(actor, n)`` must be unique for a key, and an actor
 may only create dot ``n + 1`` if it has seen all its earlier dots for that
@@ -45,6 +46,10 @@ META_NODE_ID = b"node_id"
 META_ACTOR_EPOCH = b"actor_epoch"
 META_CLUSTER = b"cluster_meta"
 META_AGREEMENT = b"agreement"
+META_MERKLE_FORMAT = b"merkle_format"
+#: Names the leaf hash of the stored segment hashes; a store holding another
+#: (or none: made before it was recorded) has its trees rebuilt at start.
+MERKLE_FORMAT = b"xxh3-128"
 
 SEGMENTS = merkle.DEFAULT_SEGMENTS
 
@@ -90,10 +95,16 @@ def write_record(view: WriteView, pkey: bytes, record: bytes | None, epoch: int 
 
 
 def replace_record(
-    view: WriteView, pkey: bytes, old: bytes | None, record: bytes | None, epoch: int = 0
+    view: WriteView,
+    pkey: bytes,
+    old: bytes | None,
+    record: bytes | None,
+    epoch: int = 0,
+    old_leaf: int | None = None,
 ) -> None:
     """:func:`write_record` for a caller that has just read ``old``, the key's raw
-    DATA value in this same write (saves reading it again on the hot path)."""
+    DATA value in this same write (saves reading it again on the hot path), and
+    may have computed ``old_leaf = leaf_of(pkey, its record)`` already."""
     old_record = None if old is None else stored_record(old)
     if old_record == record:
         return
@@ -105,17 +116,24 @@ def replace_record(
         elif epoch == 0:
             epoch = next_actor_epoch(view)
         view.put(Table.DATA, pkey, _EPOCH.pack(epoch) + record)
-    _update_segment(view, pkey, old_record, record)
+    if old_leaf is None:
+        old_leaf = leaf_of(pkey, old_record)
+    _update_segment(view, pkey, old_leaf, leaf_of(pkey, record))
+
+
+def leaf_of(pkey: bytes, record: bytes | None) -> int | None:
+    """The Merkle leaf hash of ``pkey`` holding ``record`` (None when absent)."""
+    return None if record is None else merkle.leaf_hash(pkey, record)
 
 
 def _update_segment(
-    view: WriteView, pkey: bytes, old_record: bytes | None, new_record: bytes | None
+    view: WriteView, pkey: bytes, old_leaf: int | None, new_leaf: int | None
 ) -> None:
     partition = int.from_bytes(pkey[:2], "big")
     skey = segment_key(partition, merkle.segment_of(key_hash(pkey[2:]), SEGMENTS))
     raw = view.get(Table.MERKLE, skey)
     current = int.from_bytes(raw, "big") if raw else 0
-    updated = merkle.segment_after(current, pkey, old_record, new_record)
+    updated = merkle.replace_leaf(current, old_leaf, new_leaf)
     if updated:
         view.put(Table.MERKLE, skey, updated.to_bytes(16, "big"))
     elif raw is not None:
@@ -181,3 +199,31 @@ def rebuild_merkle(view: WriteView, partition: int) -> int:
         else:
             view.delete(Table.MERKLE, key)
     return changed
+
+
+def upgrade_merkle_format(view: WriteView) -> int:
+    """Rebuild every partition's segment hashes if they were made with another
+    leaf hash than :data:`MERKLE_FORMAT`, and record it. Returns the number of
+    partitions rebuilt (0 when the format was current or the store is empty)."""
+    if view.get(Table.META, META_MERKLE_FORMAT) == MERKLE_FORMAT:
+        return 0
+    partitions = _partitions(view, Table.DATA) | _partitions(view, Table.MERKLE)
+    for partition in sorted(partitions):
+        rebuild_merkle(view, partition)
+    view.put(Table.META, META_MERKLE_FORMAT, MERKLE_FORMAT)
+    return len(partitions)
+
+
+def _partitions(view: ReadView, table: Table) -> set[int]:
+    """The 2-byte partition prefixes present in ``table``, one seek per partition."""
+    found: set[int] = set()
+    start: bytes | None = None
+    while True:
+        first = next(iter(view.scan(table, start=start, limit=1)), None)
+        if first is None:
+            return found
+        partition = int.from_bytes(first[0][:2], "big")
+        found.add(partition)
+        if partition == 0xFFFF:
+            return found
+        start = (partition + 1).to_bytes(2, "big")

@@ -207,6 +207,20 @@ def test_a_context_supersedes_exactly_what_it_saw(history: list[Op], data: st.Da
 
 
 @given(histories, st.data())
+def test_an_update_absorbs_the_clock_it_was_applied_to(
+    history: list[Op], data: st.DataObject
+) -> None:
+    """Why a replica holding the coordinator's copy may store the update as it is
+    (WriteItem.base): syncing that copy with the update gives the update."""
+    r = run(history)
+    i = data.draw(replica_ids)
+    local = r.clocks[i]
+    client = new(-1) if data.draw(st.booleans()) else new_with_context(join(pick(data, r)), -1)
+    updated = update_with(client, local, r.actors[i])
+    assert sync(local, updated) == updated == sync(updated, local)
+
+
+@given(histories, st.data())
 def test_writes_without_context_are_all_kept(history: list[Op], data: st.DataObject) -> None:
     r = run(history)
     i = data.draw(replica_ids)

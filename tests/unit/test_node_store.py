@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from hypothesis import given, settings
@@ -26,7 +26,7 @@ from kvcluster.core.hashing import key_hash
 from kvcluster.core.record import Sibling, decode_record, live, tombstone
 from kvcluster.net.messages import WriteItem
 from kvcluster.node import store
-from kvcluster.node.replica import HintLimits, LocalReplica
+from kvcluster.node.replica import Event, HintLimits, LocalReplica
 from kvcluster.storage.base import ReadView, Table, WriteView
 from kvcluster.storage.memory import MemoryStorage
 
@@ -434,3 +434,122 @@ def test_a_new_actor_after_local_removal_keeps_both_versions_on_a_peer() -> None
     merged = record_of(peer, key)
     assert merged is not None
     assert sorted(s.data for s in dvvset.values(merged)) == [b"first", b"second"]
+
+
+# -- replicating a coordinated write: the base shortcut -------------------------------------
+
+
+def coordinated(replica: LocalReplica, pkey: bytes, value: bytes, lww: bool = False) -> WriteItem:
+    """Coordinate a write on ``replica`` (with the latest context) and return the
+    WriteItem the coordinator would send to another replica."""
+    context = tuple(actors(replica, pkey)) if replica.read(pkey) is not None else ()
+    event = Event(pkey, live(value, 1), context)
+    [outcome] = run(replica.coordinate_many([event], 1, lww=lww))
+    assert not isinstance(outcome, Exception)
+    return WriteItem(pkey, outcome.record, None, outcome.base)
+
+
+def test_a_coordinated_write_names_the_copy_it_was_applied_to() -> None:
+    replica = new_replica(MemoryStorage(), "inc")
+    key = PKEYS[0]
+    first = coordinated(replica, key, b"v1")
+    assert first.base == b""  # no copy before
+    second = coordinated(replica, key, b"v2")
+    assert second.base == merkle.leaf_hash(key, first.record).to_bytes(16, "big")
+    assert coordinated(replica, key, b"v3", lww=True).base is None  # lww: no shortcut
+
+
+def test_a_replica_holding_the_base_stores_the_record_as_is_without_a_sync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    coordinator, peer = new_replica(MemoryStorage(), "c"), new_replica(MemoryStorage(), "p")
+    key = PKEYS[0]
+    first = coordinated(coordinator, key, b"v1")
+    assert run(peer.merge([first], 1)) == [None]
+    second = coordinated(coordinator, key, b"v2")
+
+    def no_sync(*_: object) -> None:
+        raise AssertionError("the base matched: no sync needed")
+
+    monkeypatch.setattr(dvvset, "sync", no_sync)
+    assert run(peer.merge([second], 1)) == [None]
+    assert peer.read(key) == second.record
+    assert_tree_matches_data(cast(MemoryStorage, peer.storage), [PARTITIONS[0]])
+
+
+def test_a_replica_whose_copy_differs_from_the_base_merges_and_keeps_its_sibling() -> None:
+    """The shortcut must never drop a version the coordinator did not see."""
+    coordinator, peer = new_replica(MemoryStorage(), "c"), new_replica(MemoryStorage(), "p")
+    key = PKEYS[0]
+    first = coordinated(coordinator, key, b"v1")
+    assert run(peer.merge([first], 1)) == [None]
+    coordinate(peer, key, b"concurrent")  # a write the coordinator never saw
+    second = coordinated(coordinator, key, b"v2")  # supersedes v1 only
+    assert run(peer.merge([second], 1)) == [None]
+    merged = record_of(peer, key)
+    assert merged is not None
+    assert sorted(s.data for s in dvvset.values(merged)) == [b"concurrent", b"v2"]
+    assert_tree_matches_data(cast(MemoryStorage, peer.storage), [PARTITIONS[0]])
+
+
+def test_a_new_key_with_an_empty_base_is_stored_as_is_only_where_it_is_new() -> None:
+    coordinator, peer = new_replica(MemoryStorage(), "c"), new_replica(MemoryStorage(), "p")
+    key = PKEYS[1]
+    coordinate(peer, key, b"peer only")  # the coordinator has no copy: base b""
+    item = coordinated(coordinator, key, b"coordinator")
+    assert item.base == b""
+    assert run(peer.merge([item], 1)) == [None]
+    merged = record_of(peer, key)
+    assert merged is not None
+    assert sorted(s.data for s in dvvset.values(merged)) == [b"coordinator", b"peer only"]
+    fresh = new_replica(MemoryStorage(), "f")
+    assert run(fresh.merge([item], 1)) == [None]
+    assert fresh.read(key) == item.record
+
+
+def test_a_corrupt_record_is_refused_even_when_the_base_matches() -> None:
+    coordinator, peer = new_replica(MemoryStorage(), "c"), new_replica(MemoryStorage(), "p")
+    key = PKEYS[0]
+    first = coordinated(coordinator, key, b"v1")
+    assert run(peer.merge([first], 1)) == [None]
+    second = coordinated(coordinator, key, b"v2")
+    bad = WriteItem(key, b"\x01\xc1garbage", None, second.base)
+    [error] = run(peer.merge([bad], 1))
+    assert error is not None and "corrupt" in error
+    assert peer.read(key) == first.record
+
+
+# -- the Merkle leaf-hash format ----------------------------------------------------------
+
+
+def test_segments_stored_with_another_leaf_hash_are_rebuilt_once() -> None:
+    storage = MemoryStorage()
+    _fill(storage, 5, len(USER_KEYS))
+    _fill(storage, OTHER_PARTITION, 4)
+
+    def older_version(view: WriteView) -> None:
+        # what a store written with the previous leaf hash looks like: no format
+        # recorded, segment hashes that a rebuild with today's hash disagrees with,
+        # and a segment left in a partition that no longer holds data
+        for key, value in list(view.scan(Table.MERKLE)):
+            view.put(Table.MERKLE, key, bytes(b ^ 0x5A for b in value))
+        view.put(Table.MERKLE, store.segment_key(63, 7), b"\x03" * 16)
+
+    async def scenario() -> tuple[int, int]:
+        await storage.write(older_version)
+        first = await storage.write(store.upgrade_merkle_format)
+        again = await storage.write(store.upgrade_merkle_format)
+        return first, again
+
+    assert run(scenario()) == (3, 0)  # partitions 5, 9 and the stale 63
+    assert_tree_matches_data(storage, [5, OTHER_PARTITION, 63])
+    with storage.read() as view:
+        assert view.get(Table.META, store.META_MERKLE_FORMAT) == store.MERKLE_FORMAT
+        assert not list(view.scan(Table.MERKLE, prefix=(63).to_bytes(2, "big")))
+
+
+def test_a_new_store_records_the_format_without_rebuilding() -> None:
+    storage = MemoryStorage()
+    assert run(storage.write(store.upgrade_merkle_format)) == 0
+    with storage.read() as view:
+        assert view.get(Table.META, store.META_MERKLE_FORMAT) == store.MERKLE_FORMAT
