@@ -34,8 +34,8 @@ from pathlib import Path
 import grpc
 
 from benchmarks.drivers import load_etcd_stubs
-from benchmarks.systems import keep_logs, port_free
-from kvcluster.cli.dev import tail
+from benchmarks.systems import keep_logs
+from kvcluster.cli.dev import port_free, tail
 
 PROTO_ROOT = Path(__file__).resolve().parent / "etcdpb"
 PROTO_FILES = ("mvccpb/kv.proto", "etcdserverpb/rpc.proto")

@@ -22,15 +22,19 @@ import asyncio
 import multiprocessing as mp
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from benchmarks.systems import process_cpu_seconds, self_cpu_seconds
 from kvcluster.net import codec
+from kvcluster.net.grpc_options import SERVER_OPTIONS
 from kvcluster.net.messages import ReplicaRead
 
 PAYLOAD = b"x" * 1000
+
+Echo = Callable[[], Awaitable[Any]]  # one round trip
 
 
 def _ident(data: bytes) -> bytes:
@@ -56,7 +60,7 @@ async def _grpc_server(port: int, ready: Any, stop: Any) -> None:
             ),
         },
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # a taken port fails, as for a node
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -87,37 +91,27 @@ def _serve(kind: str, port: int, ready: Any, stop: Any) -> None:
     asyncio.run(main(port, ready, stop))
 
 
-async def _client(kind: str, port: int, messages: int, concurrency: int) -> float:
-    loop = asyncio.get_running_loop()
-    left = messages
+async def _connect(kind: str, port: int) -> tuple[Echo, Callable[[], Awaitable[None]]]:
+    """One echo round trip over ``kind`` (callable concurrently), and how to close it."""
+    address = f"127.0.0.1:{port}"
     if kind == "grpc-unary":
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channel = grpc.aio.insecure_channel(address)
         call = channel.unary_unary(
             "/bench.Echo/Unary", request_serializer=_ident, response_deserializer=_ident
         )
-        await call(PAYLOAD)
+        return lambda: call(PAYLOAD), channel.close
 
-        async def send_unary() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await call(PAYLOAD)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(send_unary() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-        await channel.close()
-        return elapsed
-
+    # grpc-stream and tcp: one connection, replies in the order of the requests
+    loop = asyncio.get_running_loop()
     waiters: deque[asyncio.Future[Any]] = deque()
     if kind == "grpc-stream":
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channel = grpc.aio.insecure_channel(address)
         stream = channel.stream_stream(
             "/bench.Echo/Stream", request_serializer=_ident, response_deserializer=_ident
         )()
         outbox: asyncio.Queue[bytes] = asyncio.Queue()
 
-        async def writer() -> None:
+        async def writer() -> None:  # one write at a time on a grpc.aio stream
             while True:
                 await stream.write(await outbox.get())
 
@@ -129,6 +123,10 @@ async def _client(kind: str, port: int, messages: int, concurrency: int) -> floa
 
         def send(msg: bytes) -> None:
             outbox.put_nowait(msg)
+
+        async def disconnect() -> None:
+            await channel.close()
+
     else:
         reader_s, writer_s = await asyncio.open_connection("127.0.0.1", port)
         decoder = codec.stream_decoder(1 << 20)
@@ -144,21 +142,42 @@ async def _client(kind: str, port: int, messages: int, concurrency: int) -> floa
         def send(msg: bytes) -> None:
             writer_s.write(codec.encode((1, 1, ReplicaRead((msg,)))))
 
-    async def pipelined() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            future = loop.create_future()
-            waiters.append(future)
-            send(PAYLOAD)
-            await future
+        async def disconnect() -> None:
+            writer_s.close()
+            await writer_s.wait_closed()
 
-    start = time.perf_counter()
-    await asyncio.gather(*(pipelined() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    for task in tasks:
-        task.cancel()
-    return elapsed
+    async def echo() -> Any:
+        future = loop.create_future()
+        waiters.append(future)
+        send(PAYLOAD)
+        return await future
+
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+        await disconnect()
+
+    return echo, close
+
+
+async def _client(kind: str, port: int, messages: int, concurrency: int) -> float:
+    """Seconds to echo ``messages`` messages over ``kind`` with ``concurrency`` in flight."""
+    echo, close = await _connect(kind, port)
+    try:
+        await echo()  # connected: the timing below is of messages only
+        left = messages
+
+        async def sender() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await echo()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(sender() for _ in range(concurrency)))
+        return time.perf_counter() - start
+    finally:
+        await close()
 
 
 def _server_cpu(pid: int) -> float:

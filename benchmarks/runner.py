@@ -279,7 +279,7 @@ class Worker:
 
         if phase.kind in BATCH_KINDS:
             mine = self._my_records(phase.records)
-            size = min(phase.batch_size, len(mine))
+            size = phase.batch_size  # at most len(mine): see Phase.for_worker
             twice = mine * 2  # the last batch wraps around: every batch has `size` distinct keys
             batches = [[names[r] for r in twice[i : i + size]] for i in range(0, len(mine), size)]
             cycle = itertools.cycle(batches)
@@ -476,13 +476,15 @@ def merge_phase(phase: Phase, results: list[WorkerResult]) -> dict[str, Any]:
     timeline = [sum(r.timeline[s] for r in results if s < len(r.timeline)) for s in range(span)]
     client_cpu = sum(r.cpu_s for r in results)
     all_calls = sum(r.all_calls for r in results)
+    # what each worker's calls moved (Phase.for_worker caps batches alike for all workers)
+    keys_per_call = phase.for_worker(0, max(1, len(results))).keys_per_call
     out: dict[str, Any] = {
         "name": phase.name,
         "kind": phase.kind,
         "open_loop": phase.open_loop,
         "target_rate": phase.target_rate,
         "concurrency": phase.concurrency,
-        "batch_size": phase.keys_per_call,
+        "batch_size": keys_per_call,
         "workers": len(results),
         "calls": calls,
         "all_calls": all_calls,

@@ -16,7 +16,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from kvcluster.cli import dev
+from kvcluster.core.quorum import quorum_size
 
 KV_PORT_RANGE = (7700, 7799)
 METRICS_OFFSET = 1000  # the dev launcher puts each node's metrics on its port + 1000
@@ -50,22 +50,11 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def port_free(port: int) -> bool:
-    """True if a server could listen on 127.0.0.1:port (TIME_WAIT leftovers do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as etcd and grpc do
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def pick_base_port(nodes: int, lo: int = KV_PORT_RANGE[0], hi: int = KV_PORT_RANGE[1]) -> int:
     """The first base port in lo..hi (steps of 10) whose node and metrics ports are all free."""
     for base in range(lo + 1, hi - nodes + 2, 10):
         ports = [base + i for i in range(nodes)]
-        if all(port_free(p) and port_free(p + METRICS_OFFSET) for p in ports):
+        if all(dev.port_free(p) and dev.port_free(p + METRICS_OFFSET) for p in ports):
             return base
     raise RuntimeError(f"no {nodes} free ports in {lo}-{hi}: other dev clusters running?")
 
@@ -101,7 +90,7 @@ def kvcluster_cluster(
             directory, nodes=nodes, base_port=base, n_val=n_val, r=r, w=w, settings=settings
         )
         n = n_val if n_val is not None else min(3, nodes)
-        quorum = n // 2 + 1
+        quorum = quorum_size(n)
         yield RunningSystem(
             name="kvcluster",
             endpoints=cluster.addresses,

@@ -63,7 +63,10 @@ class Phase:
     seed: int = 1
 
     def for_worker(self, index: int, workers: int) -> Phase:
-        """This phase's share for worker ``index`` of ``workers`` (concurrency, ops, rate)."""
+        """This phase's share for worker ``index`` of ``workers`` (concurrency, ops, rate).
+
+        Each worker batches only its own records (every ``workers``-th one, at least
+        ``records // workers``), so ``batch_size`` is capped at that for every worker."""
 
         def share(total: int) -> int:
             return total // workers + (1 if index < total % workers else 0)
@@ -74,6 +77,7 @@ class Phase:
             concurrency=max(1, share(self.concurrency)),
             target_rate=None if self.target_rate is None else self.target_rate / workers,
             max_inflight=max(1, share(self.max_inflight)),
+            batch_size=min(self.batch_size, self.records // workers),
             seed=self.seed * 1_000_003 + index,
         )
 

@@ -66,9 +66,9 @@ def corpus_dir() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     package_root = Path(__file__).resolve().parents[1]  # jepsen_lite -> jepsen-lite
-    shared = package_root.parent / ".." / "shared" / "lincheck-corpus"
+    shared = package_root.parents[1] / "shared" / "lincheck-corpus"  # beside the repo
     if (shared / "VERDICTS.tsv").is_file():
-        return shared.resolve()
+        return shared
     return package_root / "tests" / "lincheck-corpus"
 
 

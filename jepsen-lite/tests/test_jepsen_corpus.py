@@ -23,6 +23,9 @@ from jepsen_lite.corpus import (
 )
 from jepsen_lite.history import pairs, validate
 
+VENDORED = Path(__file__).resolve().parent / "lincheck-corpus"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "lincheck-corpus"  # beside the repo
+
 
 def test_every_corpus_file_gets_its_expected_verdict(
     record_property: Callable[[str, object], None],
@@ -74,20 +77,19 @@ def test_corpus_location_can_be_overridden(monkeypatch: pytest.MonkeyPatch, tmp_
     with pytest.raises(CorpusError, match=r"VERDICTS\.tsv:2"):
         load_verdicts()
     monkeypatch.delenv(CORPUS_ENV)
-    default = corpus_dir()  # the shared copy beside the repo, else the vendored one
-    assert default.name == "lincheck-corpus" and default.parent.name in ("shared", "tests")
-    assert (default / "VERDICTS.tsv").is_file()
+    # the shared copy beside the repo when there is one, else the vendored one
+    expected = SHARED if (SHARED / "VERDICTS.tsv").is_file() else VENDORED
+    assert corpus_dir() == expected
+    assert (expected / "VERDICTS.tsv").is_file()
 
 
 def test_vendored_corpus_is_the_shared_one_unmodified() -> None:
-    vendored = Path(__file__).resolve().parent / "lincheck-corpus"
-    files = sorted(p.relative_to(vendored) for p in vendored.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(VENDORED) for p in VENDORED.rglob("*") if p.is_file())
     assert len(files) > 100 and Path("VERDICTS.tsv") in files
-    shared = Path(__file__).resolve().parents[2].parent / "shared" / "lincheck-corpus"
-    if not shared.is_dir():
-        pytest.skip(f"no shared corpus at {shared} to compare with")
+    if not SHARED.is_dir():
+        pytest.skip(f"no shared corpus at {SHARED} to compare with")
     for rel in files:
-        assert (vendored / rel).read_bytes() == (shared / rel).read_bytes(), rel
+        assert (VENDORED / rel).read_bytes() == (SHARED / rel).read_bytes(), rel
 
 
 def test_etcd_log_parser() -> None:

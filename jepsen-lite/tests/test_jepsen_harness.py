@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -13,7 +14,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from jepsen_lite.backends.base import Backend, NodeFaults, blocked_from_groups, settings_env
+from jepsen_lite.backends.base import (
+    Backend,
+    NodeFaults,
+    blocked_from_groups,
+    replication,
+    set_inprocess_faults,
+    settings_env,
+)
 from jepsen_lite.checkers.linearizable import check_linearizable
 from jepsen_lite.checkers.mv_register import MultiValueRegisterModel
 from jepsen_lite.checkers.set_checker import check_set
@@ -300,6 +308,25 @@ def test_blocked_from_groups_and_settings_env() -> None:
         "KVCLUSTER_SEEDS": "a,b",
         "KVCLUSTER_UNSAFE_LWW": "true",
     }
+
+
+def test_replication_splits_n_r_w_off_the_settings_with_kvctl_dev_defaults() -> None:
+    assert replication({"request_timeout": 2}, 5) == ({"request_timeout": 2}, 3, 2, 2)
+    assert replication({"n_val": "5", "r": 1}, 5) == ({}, 5, 1, 3)
+    assert replication({"w": "1"}, 1) == ({}, 1, 1, 1)
+
+
+def test_network_backends_keep_only_latency_and_clock_in_process() -> None:
+    faults = NodeFaults(frozenset({"n2"}), loss=0.3, delay_ms=(1.0, 2.0), clock_offset_ms=-5)
+    assert faults.latency_and_clock() == NodeFaults(delay_ms=(1.0, 2.0), clock_offset_ms=-5)
+
+
+def test_an_unreachable_node_cannot_get_faults_and_says_so() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # a port nothing listens on
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(HarnessError, match=f"{address}: cannot set faults"):
+            set_inprocess_faults(address, NodeFaults(), timeout=0.5)
 
 
 # ----------------------------------------------------------------------------- outcomes

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from kvcluster.core.quorum import quorum_size
 from kvcluster.wire.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_DIR = Path(".kvcluster") / "dev"
@@ -90,6 +92,18 @@ class DevCluster:
 
 
 # -- processes ------------------------------------------------------------------------
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if a server could listen on ``host:port`` now (TIME_WAIT leftovers do
+    not count: the check binds with SO_REUSEADDR, as the node, gRPC and etcd do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def is_running(pid: int, data_dir: str | None = None) -> bool:
@@ -241,7 +255,7 @@ def up(
         )
     directory.mkdir(parents=True, exist_ok=True)
     n = n_val if n_val is not None else min(3, nodes)
-    quorum = n // 2 + 1
+    quorum = quorum_size(n)
     ids = [f"n{i + 1}" for i in range(nodes)]
     addresses = [f"127.0.0.1:{base_port + i}" for i in range(nodes)]
     seeds = ",".join(f"{i}={a}" for i, a in zip(ids, addresses, strict=True))

@@ -16,6 +16,7 @@ from kvcluster import errors
 from kvcluster.client.policies import LoadBalancingPolicy, NodeFailure, NodeHealth
 from kvcluster.core.hashing import partition_of
 from kvcluster.net.grpc_transport import never_connected
+from kvcluster.net.transport import split_address
 from kvcluster.node.settings import MAX_KEY_BYTES
 from kvcluster.wire.v1 import admin_pb2, kv_pb2
 
@@ -321,8 +322,11 @@ def parse_nodes(nodes: Sequence[str] | str) -> list[str]:
         address = item.strip()
         if not address:
             continue
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:
+            port = split_address(address)[1]
+        except ValueError:
+            port = 0
+        if port == 0:  # not host:port, or port 0 (nothing to dial)
             raise errors.InvalidArgument(f"{address!r} is not host:port", "nodes")
         out.append(address)
     if not out:

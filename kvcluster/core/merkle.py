@@ -13,17 +13,17 @@ is a 128-bit unsigned int (16 bytes big-endian on disk and on the wire).
 Segments: XOR of leaf hashes
 ----------------------------
 A key's leaf hash is ``leaf_hash(key, value)``, a seeded 128-bit XXH3 of the
-length-prefixed key followed by the value bytes (every write hashes two
-leaves on every replica: XXH3 does a 1 KiB record in a sixth of BLAKE2b's
-time, and a non-cryptographic hash is all the XOR below can use anyway). A segment's hash is the XOR
-of the leaf hashes of the keys in it (0 when it is empty). XOR makes a write
-O(1) without reading any other key: :func:`segment_after` XORs out the old
-leaf and XORs in the new one. That is sound because a segment holds each key
-at most once - it is a *set* of ``(key, value)`` pairs, not a multiset - and
-XOR is commutative, associative and its own inverse: the segment hash is a
-function of the current set only, whatever the order of the inserts,
-overwrites and deletes that produced it, and equals a rebuild from the data
-(:func:`rebuild_segments`).
+length-prefixed key followed by the value bytes (every write hashes two leaves
+on every replica: XXH3 does a 1 KiB record in a sixth of BLAKE2b's time, and a
+non-cryptographic hash is all the XOR below can use anyway). A segment's hash
+is the XOR of the leaf hashes of the keys in it (0 when it is empty). XOR
+makes a write O(1) without reading any other key: :func:`segment_after` XORs
+out the old leaf and XORs in the new one. That is sound because a segment
+holds each key at most once - it is a *set* of ``(key, value)`` pairs, not a
+multiset - and XOR is commutative, associative and its own inverse: the
+segment hash is a function of the current set only, whatever the order of the
+inserts, overwrites and deletes that produced it, and equals a rebuild from
+the data (:func:`rebuild_segments`).
 
 Limits. (1) The caller must pass the *exact* old value: a wrong or missing
 old value leaves a stale leaf XORed in forever (a write applied twice as an

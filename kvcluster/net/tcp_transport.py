@@ -38,7 +38,7 @@ from typing import Any
 
 from kvcluster import errors
 from kvcluster.net import codec
-from kvcluster.net.transport import Handler, NodeId, TransportError
+from kvcluster.net.transport import Handler, NodeId, TransportError, split_address
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,11 @@ MAX_BUFFER = 32 * 1024 * 1024
 
 def peer_address(address: str, offset: int) -> str:
     """``host:port`` -> ``host:(port + offset)``: where that node's messaging listens."""
-    host, port = _split(address)
+    host, port = split_address(address)
     moved = port + offset
     if not 0 < moved < 65536:
         raise ValueError(f"{address} moved by {offset} is not a valid port")
     return f"{host}:{moved}"
-
-
-def _split(address: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port); an IPv6 host keeps its brackets."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"not a host:port address: {address!r}")
-    return host, int(port)
 
 
 class _Connection(asyncio.Protocol):
@@ -216,7 +208,7 @@ class _Peer:
             raise TransportError(self.node, f"cannot connect: {exc}", sent=False) from None
 
     async def _dial(self) -> _ClientConnection:
-        host, port = _split(self.address)
+        host, port = split_address(self.address)
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(
             lambda: _ClientConnection(self.node), host.strip("[]"), port
@@ -327,7 +319,7 @@ class TcpServer:
         self._server: asyncio.Server | None = None
 
     async def start(self, address: str) -> None:
-        host, port = _split(address)
+        host, port = split_address(address)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _ServerConnection(self), host.strip("[]"), port, reuse_address=True

@@ -1,9 +1,10 @@
 """The Transport seam: how node logic talks to other nodes.
 
 Node code sends a message (a registered dataclass, see :mod:`kvcluster.net.codec`)
-to a node id and awaits the reply. It never opens sockets: the gRPC transport
-(:mod:`kvcluster.net.grpc_transport`) does that for real nodes and the simulated
-network (:mod:`kvcluster.sim.network`) for the deterministic simulator.
+to a node id and awaits the reply. It never opens sockets: the TCP and gRPC
+transports (:mod:`kvcluster.net.tcp_transport`, :mod:`kvcluster.net.grpc_transport`)
+do that for real nodes and the simulated network (:mod:`kvcluster.sim.network`)
+for the deterministic simulator.
 
 A handler on the receiving side answers with a reply message or raises a
 :class:`kvcluster.errors.KVError`, which reaches the caller as the same class.
@@ -19,6 +20,17 @@ NodeId = str
 
 #: ``handler(source_node, message) -> reply``
 Handler = Callable[[NodeId, Any], Awaitable[Any]]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> ``(host, port)``; ValueError unless the port is 0..65535.
+
+    An IPv6 host keeps its brackets (``[::1]:7101`` -> ``("[::1]", 7101)``).
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host, int(port)
 
 
 class TransportError(Exception):

@@ -249,7 +249,11 @@ class Coordinator:
         strict: bool = False,
         timeout: float | None = None,
     ) -> ReadResult:
-        [result] = await self.get_many([ReadRequest(key, r, strict, timeout)])
+        return await self.read(ReadRequest(key, r, strict, timeout))
+
+    async def read(self, request: ReadRequest) -> ReadResult:
+        """One key's read (a batch of one); raises the KVError it met."""
+        [result] = await self.get_many([request])
         if isinstance(result, errors.KVError):
             raise result
         return result
@@ -298,12 +302,9 @@ class Coordinator:
         for _ in range(count):
             if op.asked >= len(op.order):
                 return
-            target = op.order[op.asked]
+            target = op.order[op.asked]  # never this node: _read_local_first asked it
             op.asked += 1
             op.outstanding += 1
-            if target.node == self.node_id:
-                self._replied(op, batch, target.node, self.replica.read(op.place.pkey))
-                continue
             fut = _submit(self.links[target.node].read, op.place.pkey, op.deadline)
             fut.add_done_callback(functools.partial(self._read_done, op, batch, target.node))
 
@@ -391,7 +392,12 @@ class Coordinator:
         deleted: bool = False,
         forwarded: bool = False,
     ) -> WriteResult:
-        request = WriteRequest(key, value, context, w, strict, timeout, deleted)
+        return await self.write(
+            WriteRequest(key, value, context, w, strict, timeout, deleted), forwarded
+        )
+
+    async def write(self, request: WriteRequest, forwarded: bool = False) -> WriteResult:
+        """One key's write (a batch of one); raises the KVError it met."""
         [result] = await self.put_many([request], forwarded=forwarded)
         if isinstance(result, errors.KVError):
             raise result

@@ -9,6 +9,7 @@ came from, e.g. ``config error: w = 4 (from KVCLUSTER_W): outside 1..n_val (3)``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from kvcluster.net.transport import split_address
 from kvcluster.node.settings import NodeSettings
 from kvcluster.storage import lmdb_store
 
@@ -249,10 +251,11 @@ def _coerce(f: Field, value: Any, source: str) -> Any:
 
 
 def parse_address(text: str, field: str, source: str = "") -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(field, f"{text!r} is not host:port", source)
-    return host, int(port_text)
+    with contextlib.suppress(ValueError):
+        host, port = split_address(text)
+        if port:
+            return host, port
+    raise ConfigError(field, f"{text!r} is not host:port", source)
 
 
 def _build(v: dict[str, Any], sources: dict[str, str]) -> Config:
@@ -262,7 +265,7 @@ def _build(v: dict[str, Any], sources: dict[str, str]) -> Config:
 
     host, port = parse_address(v["listen"], "listen", sources["listen"])
     advertise = v["advertise"] or v["listen"]
-    adv_host, _ = parse_address(advertise, "advertise", sources["advertise"])
+    adv_host, adv_port = parse_address(advertise, "advertise", sources["advertise"])
     if adv_host in ("0.0.0.0", "::", "[::]"):
         raise fail("advertise", "must name an address others can reach (listen is a wildcard)")
     node_id = v["node_id"] or advertise
@@ -288,7 +291,6 @@ def _build(v: dict[str, Any], sources: dict[str, str]) -> Config:
         metrics = f"{host}:{port + 1000}"
     offset = v["peer_port_offset"]
     if offset:
-        adv_port = parse_address(advertise, "advertise")[1]
         if offset < 0 or not (0 < port + offset < 65536 and 0 < adv_port + offset < 65536):
             raise fail("peer_port_offset", f"listen port + {offset} is not a port")
         if metrics is not None and metrics == f"{host}:{port + offset}":

@@ -126,20 +126,13 @@ class KVService(kv_pb2_grpc.KVServicer):
         return await self._run("get", context, lambda: self._get(request))
 
     async def _get(self, request: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
-        req = _read_request(request)
-        return _get_response(
-            await self.node.coordinator.get(req.key, req.r, req.strict, req.timeout)
-        )
+        return _get_response(await self.node.coordinator.read(_read_request(request)))
 
     async def Put(self, request: kv_pb2.PutRequest, context: Ctx) -> kv_pb2.PutResponse:  # noqa: N802
         return await self._run("put", context, lambda: self._put(request))
 
     async def _put(self, request: kv_pb2.PutRequest) -> kv_pb2.PutResponse:
-        req = _write_request(request)
-        result = await self.node.coordinator.put(
-            req.key, req.value, req.context, req.w, req.strict, req.timeout
-        )
-        return _put_response(result)
+        return _put_response(await self.node.coordinator.write(_write_request(request)))
 
     async def Delete(  # noqa: N802
         self, request: kv_pb2.DeleteRequest, context: Ctx

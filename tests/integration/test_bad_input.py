@@ -417,16 +417,16 @@ def test_node_unknown_flag_exits_2_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
-def run_node_on_the_busy_port(tmp_path: Path, flag: str) -> subprocess.CompletedProcess[str]:
-    """Run kvcluster-node with ``flag`` set to BUSY_PORT while this test listens there."""
+def run_node_on_the_busy_port(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run kvcluster-node with ``args`` while this test listens on BUSY_PORT."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", BUSY_PORT))
         busy.listen()
-        return run_node(tmp_path, flag, f"127.0.0.1:{BUSY_PORT}")
+        return run_node(tmp_path, *args)
 
 
 def test_node_metrics_port_in_use_fails_with_one_line(tmp_path: Path) -> None:
-    proc = run_node_on_the_busy_port(tmp_path, "--metrics-listen")
+    proc = run_node_on_the_busy_port(tmp_path, "--metrics-listen", f"127.0.0.1:{BUSY_PORT}")
     assert proc.returncode == 2, proc
     lines = proc.stderr.splitlines()
     assert lines == [
@@ -436,10 +436,22 @@ def test_node_metrics_port_in_use_fails_with_one_line(tmp_path: Path) -> None:
 
 
 def test_node_listen_port_in_use_exits_2_naming_listen(tmp_path: Path) -> None:
-    proc = run_node_on_the_busy_port(tmp_path, "--listen")
+    proc = run_node_on_the_busy_port(tmp_path, "--listen", f"127.0.0.1:{BUSY_PORT}")
     assert proc.returncode == 2, proc
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr  # nothing from gRPC's C core before it
     assert lines[0].startswith(
         f"kvcluster-node: config error: listen: cannot bind 127.0.0.1:{BUSY_PORT}"
     )
+
+
+def test_node_peer_port_in_use_exits_2_naming_peer_port_offset(tmp_path: Path) -> None:
+    """The TCP peer port (listen port + offset) is checked like the others, before
+    anything binds: one line naming the setting, not a traceback."""
+    offset = str(BUSY_PORT - NODE_PORT)
+    proc = run_node_on_the_busy_port(tmp_path, "--peer-port-offset", offset)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.splitlines() == [
+        f"kvcluster-node: config error: peer_port_offset: cannot bind 127.0.0.1:{BUSY_PORT}: "
+        "Address already in use"
+    ]

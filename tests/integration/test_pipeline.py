@@ -8,6 +8,7 @@ on its stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 
 import grpc
@@ -15,9 +16,11 @@ import pytest
 
 from kvcluster import AsyncClient, errors
 from kvcluster.cli import dev
+from kvcluster.client.pipeline import Pipe
 from kvcluster.client.policies import AllowListPolicy
 from kvcluster.wire.v1 import kv_pb2, kv_pb2_grpc
 from tests.integration.conftest import Cluster, StartCluster
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +34,18 @@ def trio(start_module_cluster: StartCluster) -> Cluster:
     return start_module_cluster(3, TRIO_PORT)
 
 
-def test_many_concurrent_pipelined_calls_each_get_their_own_answer(trio: Cluster) -> None:
+def test_many_concurrent_pipelined_calls_each_get_their_own_answer(
+    trio: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[str] = []  # the address of each KV.Stream call the client opens
+    real_open = Pipe._open
+
+    def counting_open(pipe: Pipe) -> None:
+        opened.append(pipe.address)
+        real_open(pipe)
+
+    monkeypatch.setattr(Pipe, "_open", counting_open)
+
     async def scenario() -> None:
         async with AsyncClient(trio.addresses, pipeline=True) as kv:
             keys = [f"pipe/{i}" for i in range(400)]
@@ -56,6 +70,7 @@ def test_many_concurrent_pipelined_calls_each_get_their_own_answer(trio: Cluster
             assert not any([(await kv.get(k)).found for k in keys[:10]])
             # one stream per node carried all of it
             assert 1 <= len(kv._pipes) <= 3
+            assert sorted(opened) == sorted(kv._pipes)
 
     asyncio.run(scenario())
 
@@ -133,11 +148,23 @@ def test_nodes_can_talk_over_grpc_instead_of_tcp(start_cluster: StartCluster) ->
             assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def peers_connected_to(port: int) -> bool:
+    """Whether two TCP connections (the other two nodes') are established to local
+    ``port``, counted on the accepting side (Linux)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(int(row[1].split(":")[1], 16) == port and row[3] == "01" for row in rows) >= 2
+
+
 def test_by_default_nodes_listen_for_peers_on_the_offset_port(trio: Cluster) -> None:
+    with trio.client() as kv:
+        kv.put("pipe/tcp-peers", b"v", w="all")
     for node_id in trio.ids:
         port = int(trio.address(node_id).rsplit(":", 1)[1]) + 2000
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # the TCP peer transport accepts
+        # and the other two nodes talk to this one there
+        wait_until(functools.partial(peers_connected_to, port), 10.0, f"peers on {port}")
 
 
 def test_a_stream_request_without_an_operation_gets_an_error_reply(trio: Cluster) -> None:

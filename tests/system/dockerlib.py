@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from kvcluster.cli.dev import port_free
 from tests import support
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +175,7 @@ class PortBlock:
             except OSError:
                 fh.close()
                 continue
-            if not _port_free(port):
+            if not port_free(port):
                 fh.close()
                 continue
             self.ports.append(port)
@@ -189,16 +189,6 @@ class PortBlock:
             with contextlib.suppress(OSError):
                 fh.close()
         self._locks = []
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def wait_until(

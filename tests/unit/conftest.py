@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,3 +21,25 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[cfg.Config]:
 
     monkeypatch.setattr(node_main, "serve", fake_serve)
     return configs
+
+
+@pytest.fixture
+def config_error() -> Callable[[dict[str, Any], dict[str, str], str, str], cfg.ConfigError]:
+    """Load ``flags`` and ``env`` (no file), which must be refused: check that the
+    ConfigError names ``field`` and ``source`` ("" for a default), in its attributes
+    and in its one-line message; return it."""
+
+    def load_refused(
+        flags: dict[str, Any], env: dict[str, str], field: str, source: str
+    ) -> cfg.ConfigError:
+        with pytest.raises(cfg.ConfigError) as info:
+            cfg.load(flags, None, env)
+        err = info.value
+        assert err.field == field
+        assert err.source == source
+        where = f" (from {source})" if source else ""
+        assert str(err).startswith(f"config error: {field}{where}: ")
+        assert "\n" not in str(err)
+        return err
+
+    return load_refused

@@ -1,4 +1,5 @@
-"""Anti-entropy between in-process nodes: exchange, repair, deletes, tombstone removal.
+"""Anti-entropy between in-process nodes: exchange, repair, deletes, tombstone removal,
+and the Merkle leaf hashes around it (rebuilt at start, named by a write's ``base``).
 
 Whole :class:`~kvcluster.node.node.Node` objects (membership, coordinator,
 handoff, anti-entropy) run over :class:`MemoryStorage` on a
@@ -26,7 +27,7 @@ import pytest
 
 from kvcluster import errors
 from kvcluster.clock import LoopClock
-from kvcluster.core import dvvset
+from kvcluster.core import dvvset, merkle
 from kvcluster.core.hashing import partition_of, pkey
 from kvcluster.core.record import (
     Record,
@@ -44,7 +45,7 @@ from kvcluster.node.node import Node
 from kvcluster.node.settings import NodeSettings
 from kvcluster.sim.loop import current_loop, run_simulation
 from kvcluster.sim.network import SimNetwork
-from kvcluster.storage.base import WriteView
+from kvcluster.storage.base import Table, WriteView
 from kvcluster.storage.memory import MemoryStorage
 
 T = TypeVar("T")
@@ -419,6 +420,63 @@ def test_a_wiped_replica_never_reuses_its_old_actors() -> None:
         await c.repair("n1")
         for i in IDS:
             assert c.values(i, k) == [b"a", b"b"]
+        await c.stop()
+
+    simulate(main)
+
+
+def test_a_node_started_on_segments_of_an_older_leaf_hash_rebuilds_them() -> None:
+    """Segment hashes stored with another leaf hash (no store.MERKLE_FORMAT recorded)
+    are rebuilt when the node starts: its trees match its peers' again, no repair run."""
+
+    async def main() -> None:
+        c = await Cluster().start()
+        for k in keys("k", 40):
+            await c.put("n1", k, b"v", w=3)
+        await c.crash("n3")
+
+        def older_version(view: WriteView) -> None:
+            for key, value in list(view.scan(Table.MERKLE)):
+                view.put(Table.MERKLE, key, bytes(b ^ 0x5A for b in value))
+            view.delete(Table.META, store.META_MERKLE_FORMAT)
+
+        await c.storages["n3"].write(older_version)
+        assert c.trees("n3") != c.trees("n1")
+        await c.restart("n3")
+        c.assert_identical(IDS)
+        with c.storages["n3"].read() as view:
+            assert view.get(Table.META, store.META_MERKLE_FORMAT) == store.MERKLE_FORMAT
+        await c.stop()
+
+    simulate(main)
+
+
+def test_a_coordinated_write_reaches_the_other_replicas_with_its_base() -> None:
+    """WriteItem.base names the copy the coordinator applied the write to (its leaf
+    hash, b"" for a new key): what lets a replica holding that copy skip the sync."""
+
+    async def main() -> None:
+        c = await Cluster().start()
+        received: list[m.WriteItem] = []
+        for i in ("n2", "n3"):
+
+            async def handle(src: NodeId, msg: Any, inner: Any = c.nodes[i].handle) -> Any:
+                if isinstance(msg, m.ReplicaWrite):
+                    received.extend(msg.items)
+                return await inner(src, msg)
+
+            c.nodes[i].handle = handle  # type: ignore[method-assign]
+        k = b"based"
+        context = await c.put("n1", k, b"v1", w=3)
+        assert [(item.pkey, item.base) for item in received] == [(c.pk(k), b"")] * 2
+        received.clear()
+        before = c.raw("n1", k)
+        assert before is not None
+        await c.put("n1", k, b"v2", context=context, w=3)
+        base = merkle.leaf_hash(c.pk(k), before).to_bytes(16, "big")
+        expected = (c.pk(k), c.raw("n1", k), base)
+        assert [(item.pkey, item.record, item.base) for item in received] == [expected] * 2
+        c.assert_identical(IDS)
         await c.stop()
 
     simulate(main)

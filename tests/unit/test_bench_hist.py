@@ -1,18 +1,21 @@
-"""The benchmarks' pure helpers: histogram merging, phase shares, op mixes, profile parsing."""
+"""The benchmarks' pure helpers: histograms, phase shares, batch key counts, op mixes, profiles."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from benchmarks import hist
+from benchmarks import hist, runner
+from benchmarks.drivers import Driver, DriverSpec
 from benchmarks.profiling import component, parse_collapsed, summarise
-from benchmarks.runner import WorkerResult, merge_phase
-from benchmarks.workloads import WORKLOADS, OpChooser, Phase
+from benchmarks.runner import Worker, WorkerResult, merge_phase
+from benchmarks.workloads import BATCH_KINDS, WORKLOADS, OpChooser, Phase, PhaseKind
 
 
 def _hist_of(values: list[int]) -> HdrHistogram:
@@ -70,6 +73,56 @@ def test_phase_shares_add_up_to_the_whole() -> None:
     assert sum(s.concurrency for s in shares) == 64
     assert sum(s.target_rate or 0 for s in shares) == pytest.approx(900)
     assert len({s.seed for s in shares}) == 3
+
+
+class _BatchRecorder(Driver):
+    """A driver that only records the batches it is sent."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+
+    async def close(self) -> None:
+        pass
+
+    async def read(self, key: bytes) -> int:
+        raise NotImplementedError
+
+    async def update(self, key: bytes, value: bytes) -> None:
+        raise NotImplementedError
+
+    async def rmw(self, key: bytes, value: bytes) -> bool:
+        raise NotImplementedError
+
+    async def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+        self.batches.append([k for k, _ in items])
+        return 0
+
+    async def get_many(self, keys: Sequence[bytes]) -> int:
+        self.batches.append(list(keys))
+        return 0
+
+
+@pytest.mark.parametrize("kind", BATCH_KINDS)
+def test_batch_keys_count_what_was_sent_when_workers_have_fewer_records_than_a_batch(
+    kind: PhaseKind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drivers: list[_BatchRecorder] = []
+
+    def recorder(spec: DriverSpec) -> _BatchRecorder:
+        drivers.append(_BatchRecorder())
+        return drivers[-1]
+
+    monkeypatch.setattr(runner, "make_driver", recorder)
+    phase = Phase("b", kind, ops=7, duration=30, concurrency=1, records=31, batch_size=100)
+    spec = DriverSpec("kvcluster", ("127.0.0.1:1",))
+    results = [asyncio.run(Worker(spec, i, 2).run(phase.for_worker(i, 2))) for i in range(2)]
+    for driver, result in zip(drivers, results, strict=True):
+        assert all(len(b) == len(set(b)) == 15 for b in driver.batches)  # 31 // 2, distinct
+        assert result.calls == len(driver.batches) > 0
+        assert result.keys == sum(len(b) for b in driver.batches)
+    merged = merge_phase(phase, results)
+    assert merged["batch_size"] == 15
+    assert merged["keys"] == 15 * merged["calls"]
 
 
 def test_op_chooser_follows_the_mix_and_the_seed() -> None:

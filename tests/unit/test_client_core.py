@@ -3,8 +3,9 @@
 Covers quorum parsing, request building, error translation from gRPC errors
 (with and without the ``kvcluster-error-bin`` trailing metadata, for both the
 sync and the asyncio flavours of grpc), load-balancing and retry policies,
-node health, and that :class:`RingView` routes a key to exactly the nodes the
-server's preference list would pick.
+node health, that :class:`RingView` routes a key to exactly the nodes the
+server's preference list would pick, and how a pipeline (``KV.Stream``) fails
+its requests, against a fake stream.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import json
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from grpc import aio
 
 from kvcluster import AsyncClient, Client, errors
 from kvcluster.client import _core as core
+from kvcluster.client.pipeline import Pipe
 from kvcluster.client.policies import (
     AllowListPolicy,
     Decision,
@@ -773,3 +775,90 @@ def test_async_client_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
         return info.value
 
     assert asyncio.run(scenario()).addresses == ["a:1", "b:1"]
+
+
+# -- pipelining: the failures of one KV.Stream call ---------------------------------------------
+
+
+class FakeStream:
+    """A ``KV.Stream`` call: its first ``writes`` writes go through, later ones hang;
+    it answers with whatever the test puts in ``replies``."""
+
+    def __init__(self, writes: int) -> None:
+        self.writes = writes
+        self.written: list[kv_pb2.StreamRequest] = []
+        self.replies: asyncio.Queue[Any] = asyncio.Queue()
+        self.cancelled = False
+
+    async def write(self, request: kv_pb2.StreamRequest) -> None:
+        if len(self.written) >= self.writes:
+            await asyncio.Event().wait()
+        self.written.append(request)
+
+    async def read(self) -> Any:
+        return await self.replies.get()
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+class FakeStreamStub:
+    """Opens the given streams in turn."""
+
+    def __init__(self, *streams: FakeStream) -> None:
+        self.streams = list(streams)
+        self.opened = 0
+
+    def Stream(self) -> FakeStream:  # noqa: N802
+        self.opened += 1
+        return self.streams.pop(0)
+
+
+async def settled() -> None:
+    """Let the pipe's writer and reader tasks run until they block."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_pipe_broken_stream_fails_written_requests_as_maybe_applied_others_as_unsent() -> None:
+    async def scenario() -> None:
+        first, second = FakeStream(writes=1), FakeStream(writes=1)
+        stub = FakeStreamStub(first, second)
+        pipe = Pipe(cast(Any, stub), "a:1")
+        written = asyncio.ensure_future(pipe.call("Put", kv_pb2.PutRequest(key=b"1"), 5.0))
+        not_written = asyncio.ensure_future(pipe.call("Put", kv_pb2.PutRequest(key=b"2"), 5.0))
+        await settled()
+        assert [r.put.key for r in first.written] == [b"1"]  # the second write hangs
+        first.replies.put_nowait(aio.EOF)  # the node closes the stream
+        with pytest.raises(NodeFailure) as maybe_applied:
+            await written
+        with pytest.raises(NodeFailure) as unsent:
+            await not_written
+        assert (maybe_applied.value.sent, unsent.value.sent) == (True, False)
+        assert first.cancelled
+
+        # the next call opens a new stream
+        call = asyncio.ensure_future(pipe.call("Get", kv_pb2.GetRequest(key=b"k"), 5.0))
+        await settled()
+        (request,) = second.written
+        reply = kv_pb2.GetResponse(found=True, values=[b"v"])
+        second.replies.put_nowait(kv_pb2.StreamResponse(id=request.id, get=reply))
+        assert await call == reply
+        assert stub.opened == 2
+        await pipe.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10.0))
+
+
+def test_pipe_request_without_an_answer_by_its_deadline_is_maybe_applied() -> None:
+    async def scenario() -> None:
+        stream = FakeStream(writes=1)
+        pipe = Pipe(cast(Any, FakeStreamStub(stream)), "a:1")
+        with pytest.raises(NodeFailure) as info:
+            await pipe.call("Put", kv_pb2.PutRequest(key=b"k"), 0.05)
+        assert info.value.sent is True
+        assert len(stream.written) == 1
+        await pipe.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10.0))

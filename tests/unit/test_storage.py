@@ -738,13 +738,32 @@ def test_lmdb_concurrent_writes_share_batches(tmp_path: Path, max_batch: int, ba
 
 
 class RecordedSleep:
-    """Stands in for the writer's ``time.sleep``: records each wait and returns at once."""
+    """Stands in for the writer's ``time.sleep``: records each wait and returns at once,
+    or, ``held``, only once ``wake`` is set (``sleeping`` tells the writer is waiting)."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = False) -> None:
         self.calls: list[float] = []
+        self.held = held
+        self.sleeping = threading.Event()
+        self.wake = threading.Event()
 
     def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
+        self.sleeping.set()
+        if self.held and not self.wake.wait(HOLD_TIMEOUT):
+            raise RuntimeError("the test never woke the writer")
+
+
+def queue_writes(h: Harness, count: int, prefix: bytes = b"k") -> list[asyncio.Task[None]]:
+    return [start(h.store.write(put(Table.DATA, prefix + b"%d" % i, b"v"))) for i in range(count)]
+
+
+async def behind_the_gate(h: Harness, count: int) -> None:
+    """Queue ``count`` writes while the writer is busy with a gate write; wait for all."""
+    async with h.held() as gate:
+        tasks = queue_writes(h, count)
+        await asyncio.sleep(0)
+    await asyncio.gather(gate, *tasks)
 
 
 def test_lmdb_writer_idle_longer_than_the_window_does_not_wait(tmp_path: Path) -> None:
@@ -754,23 +773,31 @@ def test_lmdb_writer_idle_longer_than_the_window_does_not_wait(tmp_path: Path) -
     async def main() -> None:
         slept = RecordedSleep()
         async with harness("lmdb", tmp_path, commit_window=0.5, sleep=slept) as h:
-
-            async def gate_then_three() -> None:
-                async with h.held() as gate:
-                    writes = [
-                        start(h.store.write(put(Table.DATA, b"k%d" % i, b"v"))) for i in range(3)
-                    ]
-                    await asyncio.sleep(0)
-                await asyncio.gather(gate, *writes)
-
-            await gate_then_three()
+            await behind_the_gate(h, 3)
             assert slept.calls == [0.5]  # the three found the writer busy
             await asyncio.sleep(0.6)  # idle for longer than the window
-            await gate_then_three()
+            await behind_the_gate(h, 3)
             # the second gate (after a batch of three, but an idle writer) did not wait;
             # the three behind it did
             assert slept.calls == [0.5, 0.5]
             assert h.store.stats().batches == 4
+
+    run(main())
+
+
+def test_lmdb_a_lone_write_right_after_a_concurrent_batch_waits(tmp_path: Path) -> None:
+    """A batch of more than one says writers are concurrent: the next write, even alone
+    in the queue, waits the window while the writer is busy."""
+
+    async def main() -> None:
+        slept = RecordedSleep()
+        async with harness("lmdb", tmp_path, commit_window=0.9, sleep=slept) as h:
+            await behind_the_gate(h, 3)
+            assert slept.calls == [0.9]
+            await h.store.write(put(Table.DATA, b"lone", b"v"))  # within 0.9 s of the three
+            assert slept.calls == [0.9, 0.9]
+            await h.store.write(put(Table.DATA, b"lone", b"w"))  # after a batch of one
+            assert slept.calls == [0.9, 0.9]
 
     run(main())
 
@@ -790,20 +817,27 @@ def test_lmdb_writes_one_at_a_time_never_wait(tmp_path: Path) -> None:
 
 
 def test_lmdb_busy_writer_waits_the_window_to_gather_a_batch(tmp_path: Path) -> None:
-    """Writes queued while a batch commits make the writer wait ``commit_window`` once,
-    then commit together."""
+    """Writes queued while a batch commits make the writer wait ``commit_window`` once;
+    the writes arriving during that wait join the same commit."""
 
     async def main() -> None:
-        slept = RecordedSleep()
+        slept = RecordedSleep(held=True)
         async with harness("lmdb", tmp_path, commit_window=0.9, sleep=slept) as h:
             before = h.store.stats()
             async with h.held() as gate:
-                tasks = [start(h.store.write(put(Table.DATA, b"k%d" % i, b"v"))) for i in range(5)]
+                early = queue_writes(h, 2)
                 await asyncio.sleep(0)
-            await asyncio.gather(gate, *tasks)
-            # The gate reached an idle writer (no wait); the five found it busy.
+            assert await asyncio.to_thread(slept.sleeping.wait, HOLD_TIMEOUT)
+            try:
+                late = queue_writes(h, 3, b"late")
+                await asyncio.sleep(0)
+                assert h.store.stats().pending == 5  # the waiting writer took none of them yet
+            finally:
+                slept.wake.set()
+            await asyncio.gather(gate, *early, *late)
+            # The gate reached an idle writer (no wait); the two found it busy.
             assert slept.calls == [0.9]
-            assert h.store.stats().batches - before.batches == 2
+            assert h.store.stats().batches - before.batches == 2  # the gate, then all five
 
     run(main())
 
@@ -817,13 +851,26 @@ def test_lmdb_writer_does_not_wait_with_no_window_or_a_full_batch(
         async with harness(
             "lmdb", tmp_path, commit_window=window, max_batch=max_batch, sleep=slept
         ) as h:
-            async with h.held() as gate:
-                tasks = [start(h.store.write(put(Table.DATA, b"k%d" % i, b"v"))) for i in range(5)]
-                await asyncio.sleep(0)
-            await asyncio.gather(gate, *tasks)
+            await behind_the_gate(h, 5)
             assert slept.calls == []
             with h.store.read() as view:
                 assert len(items(view)) == 5
+
+    run(main())
+
+
+def test_lmdb_writer_closing_does_not_wait_the_window(tmp_path: Path) -> None:
+    """Writes still queued when the store closes are committed without a wait."""
+
+    async def main() -> None:
+        slept = RecordedSleep()
+        async with harness("lmdb", tmp_path, commit_window=0.9, sleep=slept) as h:
+            async with h.held() as gate:
+                tasks = queue_writes(h, 5)
+                closing = start(h.store.close())
+                await asyncio.sleep(0)
+            await asyncio.gather(gate, *tasks, closing)  # all five committed
+            assert slept.calls == []
 
     run(main())
 

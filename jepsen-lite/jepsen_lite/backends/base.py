@@ -46,10 +46,11 @@ Jepsen: a partition cuts the links between database nodes, not the clients.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -60,6 +61,7 @@ from jepsen_lite.errors import HarnessError
 from kvcluster import Client, errors
 from kvcluster.cli import dev
 from kvcluster.core.hashing import partition_of, pkey
+from kvcluster.core.quorum import quorum_size
 from kvcluster.core.record import decode_record, live_values
 from kvcluster.net import codec
 from kvcluster.net.messages import ReplicaRead, ReplicaReadReply
@@ -72,6 +74,7 @@ __all__ = [
     "ReplicaStates",
     "blocked_from_groups",
     "bridged_traffic_crosses_iptables",
+    "dev_errors",
     "replication",
     "set_inprocess_faults",
     "settings_env",
@@ -180,7 +183,7 @@ def replication(settings: Mapping[str, Any], nodes: int) -> tuple[dict[str, Any]
     N defaulting to min(3, nodes) and R and W to a quorum of N (as ``kvctl dev up``)."""
     opts = dict(settings)
     n = int(opts.pop("n_val", min(3, nodes)))
-    quorum = n // 2 + 1
+    quorum = quorum_size(n)
     return opts, n, int(opts.pop("r", quorum)), int(opts.pop("w", quorum))
 
 
@@ -191,10 +194,19 @@ def bridged_traffic_crosses_iptables() -> bool:
     return bridged.exists() and bridged.read_text().strip() == "1"
 
 
+@contextlib.contextmanager
+def dev_errors() -> Iterator[None]:
+    """Report the errors of the launcher (:mod:`kvcluster.cli.dev`) as the harness's."""
+    try:
+        yield
+    except dev.DevError as exc:
+        raise HarnessError(str(exc)) from None
+
+
 def set_inprocess_faults(address: str, faults: NodeFaults, timeout: float = 3.0) -> None:
     """Make ``faults`` the in-process faults of the node at ``address`` (``Admin.SetFaults``;
     see :mod:`kvcluster.net.faults`). ``NodeFaults()`` heals it."""
-    try:
+    with dev_errors():
         dev.set_faults(
             address,
             blocked=faults.blocked,
@@ -203,8 +215,6 @@ def set_inprocess_faults(address: str, faults: NodeFaults, timeout: float = 3.0)
             clock_offset_ms=faults.clock_offset_ms,
             timeout=timeout,
         )
-    except dev.DevError as exc:
-        raise HarnessError(str(exc)) from None
 
 
 class Backend(ABC):

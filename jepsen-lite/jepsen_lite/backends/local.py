@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from jepsen_lite.backends.base import (
     Backend,
     NodeFaults,
+    dev_errors,
     replication,
     set_inprocess_faults,
     settings_env,
@@ -36,25 +36,6 @@ __all__ = ["LocalBackend"]
 
 PORT_MIN, PORT_MAX = 7500, 7599
 LOCK_DIR = Path(os.environ.get("JEPSEN_LITE_LOCK_DIR", "/tmp/jepsen-lite-ports"))
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def _dev_errors() -> Iterator[None]:
-    """Report the launcher's errors as the harness's."""
-    try:
-        yield
-    except dev.DevError as exc:
-        raise HarnessError(str(exc)) from None
 
 
 class LocalBackend(Backend):
@@ -79,7 +60,7 @@ class LocalBackend(Backend):
                 except OSError:
                     fh.close()
                     break
-                if not _port_free(port):
+                if not dev.port_free(port):
                     fh.close()
                     break
                 held.append(fh)
@@ -128,19 +109,19 @@ class LocalBackend(Backend):
         return self._dev().node(node).address
 
     def _kill_node(self, node: str) -> None:
-        with _dev_errors():
+        with dev_errors():
             dev.kill(self.workdir, node)
 
     def _start_node(self, node: str) -> None:
-        with _dev_errors():
+        with dev_errors():
             dev.restart(self.workdir, node, wait=True, timeout=60.0)
 
     def _pause_node(self, node: str) -> None:
-        with _dev_errors():
+        with dev_errors():
             dev.pause(self.workdir, node)
 
     def _resume_node(self, node: str) -> None:
-        with _dev_errors():
+        with dev_errors():
             dev.resume(self.workdir, node)
 
     def _apply_faults(self, node: str, faults: NodeFaults) -> None:
