@@ -5,6 +5,7 @@ Nothing here performs I/O, so both clients are thin loops around it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -135,6 +136,8 @@ def put_requests(
     items: Iterable[PutItem], w: Quorum, strict: bool, timeout: float
 ) -> list[kv_pb2.PutRequest]:
     """Requests for a batch of ``(key, value)`` or ``(key, value, context)`` items."""
+    wq = quorum(w, "w")
+    ms = timeout_ms(timeout)
     reqs = []
     for item in items:
         if len(item) not in (2, 3):
@@ -142,8 +145,16 @@ def put_requests(
                 "batch items are (key, value) or (key, value, context)", "items"
             )
         key, value, *rest = item
-        context = rest[0] if rest else None
-        reqs.append(put_request(key, value, context, w, strict, timeout))
+        reqs.append(
+            kv_pb2.PutRequest(
+                key=check_key(key),
+                value=to_bytes(value, "value"),
+                context=(rest[0] if rest else None) or b"",
+                w=wq,
+                strict=strict,
+                timeout_ms=ms,
+            )
+        )
     return reqs
 
 
@@ -273,6 +284,7 @@ class Router:
         #: the seeds are, so members that are seeds are reached through them
         #: (Cassandra drivers' AddressTranslator, learned instead of configured).
         self.aliases: dict[str, str] = {}
+        self.batches = itertools.count()  # rotates batch calls over equally good nodes
 
     def seeds_to_identify(self, resp: admin_pb2.RingResponse) -> list[str]:
         """Seeds that are no member's advertised address and not yet identified.
@@ -310,6 +322,10 @@ class Router:
         replicas: tuple[str, ...] = ()
         if key is not None and self.ring is not None:
             replicas = self.ring.replicas(key)
+        return self.plan_for(replicas)
+
+    def plan_for(self, replicas: Sequence[str]) -> list[str]:
+        """The plan for a key whose replicas are ``replicas`` (empty: not known)."""
         plan = self.reachable_first(self.policy.plan(replicas, self.nodes()))
         return self.health.order(plan)
 
@@ -335,8 +351,52 @@ def parse_nodes(nodes: Sequence[str] | str) -> list[str]:
 
 
 def group_by_coordinator(router: Router, reqs: Sequence[Any]) -> dict[str, list[int]]:
-    """Indices of batch items grouped by the node each should go to first."""
+    """Indices of batch items grouped by the node each goes to first: as few groups
+    (calls) as one-hop routing allows.
+
+    An item may go to any of the replicas its plan puts first (with the
+    token-aware policy: all its healthy replicas), since each coordinates the
+    write itself; with no replica at the head of its plan, only to the plan's
+    first node.
+    Groups are then chosen greedily, the node that can take the most remaining
+    items first (in a cluster of N nodes every node takes the whole batch).
+    Ties go to the nodes in turn, so successive batches spread evenly over
+    them.
+    """
+    ring = router.ring
+    if ring is None:
+        return {router.plan(None)[0]: list(range(len(reqs)))} if reqs else {}
+    # one plan per partition: every key of a partition has the same replicas
+    per_partition: dict[int, list[str]] = {}
+    choices: list[list[str]] = []
+    for req in reqs:
+        partition = partition_of(req.key, ring.q)
+        found = per_partition.get(partition)
+        if found is None:
+            found = per_partition[partition] = _coordinators(router, ring.owners[partition])
+        choices.append(found)
+    left = list(range(len(reqs)))
     groups: dict[str, list[int]] = {}
-    for i, req in enumerate(reqs):
-        groups.setdefault(router.plan(req.key)[0], []).append(i)
+    turn = next(router.batches)
+    while left:
+        counts: dict[str, int] = {}
+        for i in left:
+            for a in choices[i]:
+                counts[a] = counts.get(a, 0) + 1
+        candidates = sorted(counts)
+        # the most items first; among equals, the next node in turn
+        best = max(
+            candidates,
+            key=lambda a: (counts[a], -((candidates.index(a) - turn) % len(candidates))),
+        )
+        groups[best] = [i for i in left if best in choices[i]]
+        left = [i for i in left if best not in choices[i]]
     return groups
+
+
+def _coordinators(router: Router, replicas: tuple[str, ...]) -> list[str]:
+    """The nodes a key with ``replicas`` may be sent to first, best first."""
+    plan = router.plan_for(replicas)
+    # plans put healthy nodes first, so this run is the healthy replicas (unless none is)
+    lead = list(itertools.takewhile(lambda a: a in replicas, plan))
+    return lead or plan[:1]

@@ -502,16 +502,63 @@ def test_router_plans() -> None:
     assert info.value.field == "nodes"
 
 
-def test_group_by_coordinator() -> None:
+def _batch(n: int = 100) -> list[kv_pb2.GetRequest]:
+    return [core.get_request(b"k%d" % i, None, False, 1.0) for i in range(n)]
+
+
+def _replicas(ring: Any, key: bytes) -> list[str]:
+    return [address(o) for o in ring.owners[partition_of(key, ring.q)]]
+
+
+def test_group_by_coordinator_sends_each_item_once_to_one_of_its_replicas() -> None:
     router = core.Router(["s:1"], TokenAwarePolicy(rotate=False), NodeHealth())
-    resp, ring = ring_response()
+    resp, ring = ring_response()  # 5 members, N=3
     router.ring = core.RingView.from_response(resp)
-    reqs = [core.get_request(b"k%d" % i, None, False, 1.0) for i in range(100)]
+    reqs = _batch()
     groups = core.group_by_coordinator(router, reqs)
     assert sorted(i for idx in groups.values() for i in idx) == list(range(100))
     for addr, indices in groups.items():
         for i in indices:
-            assert addr == address(ring.owners[partition_of(reqs[i].key, ring.q)][0])
+            assert addr in _replicas(ring, reqs[i].key)
+    # fewer calls than one per first owner (every member leads some of 100 keys)
+    firsts = {_replicas(ring, r.key)[0] for r in reqs}
+    assert len(firsts) == 5
+    assert len(groups) < len(firsts)
+    # greedy: the first group is the node that is a replica of the most keys
+    best = max(sum(address(m) in _replicas(ring, r.key) for r in reqs) for m in MEMBERS)
+    assert len(next(iter(groups.values()))) == best
+
+
+def test_group_by_coordinator_one_call_when_every_node_is_a_replica() -> None:
+    router = core.Router(["s:1"], TokenAwarePolicy(), NodeHealth())
+    resp, _ = ring_response(n=5)
+    router.ring = core.RingView.from_response(resp)
+    chosen = []
+    for _ in range(10):
+        groups = core.group_by_coordinator(router, _batch())
+        assert len(groups) == 1
+        [(addr, indices)] = groups.items()
+        assert indices == list(range(100))
+        chosen.append(addr)
+    # successive batches take the nodes in turn
+    assert sorted(chosen) == sorted(address(m) for m in MEMBERS for _ in range(2))
+    assert chosen[:5] == chosen[5:]
+
+
+def test_group_by_coordinator_avoids_unhealthy_replicas() -> None:
+    router = core.Router(["s:1"], TokenAwarePolicy(), NodeHealth())
+    resp, _ = ring_response(n=5)
+    router.ring = core.RingView.from_response(resp)
+    for m in MEMBERS[:4]:
+        router.health.failed(address(m))
+    for _ in range(5):
+        assert core.group_by_coordinator(router, _batch()) == {address("n5"): list(range(100))}
+
+
+def test_group_by_coordinator_without_a_ring() -> None:
+    router = core.Router(["s:1", "s:2"], TokenAwarePolicy(rotate=False), NodeHealth())
+    assert core.group_by_coordinator(router, _batch(3)) == {"s:1": [0, 1, 2]}
+    assert core.group_by_coordinator(router, []) == {}
 
 
 @pytest.mark.parametrize(
