@@ -477,6 +477,8 @@ class Coordinator:
         batch = _Batch(loop)
         ops: list[tuple[int, _Write]] = []
         unsafe = self.settings.unsafe_ack_before_w
+        # per peer: the items to send it, and the write and target of each
+        sends: dict[NodeId, tuple[list[WriteItem], list[tuple[_Write, Target]]]] = {}
         for (i, place, required, deadline), outcome in zip(local, outcomes, strict=True):
             if isinstance(outcome, errors.KVError):
                 results[i] = outcome
@@ -494,26 +496,41 @@ class Coordinator:
             for target in place.targets:
                 if target.node == self.node_id:
                     continue
-                item = WriteItem(place.pkey, record, target.hint_for, base)
-                fut = _submit(self.links[target.node].write, item, deadline)
-                fut.add_done_callback(functools.partial(self._write_done, op, batch, target))
-        if ops:
-            await batch.wait(max(op.deadline for _, op in ops))
+                items, owners = sends.setdefault(target.node, ([], []))
+                items.append(WriteItem(place.pkey, record, target.hint_for, base))
+                owners.append((op, target))
+        if not ops:
+            return
+        deadline = max(op.deadline for _, op in ops)
+        for node, (items, owners) in sends.items():
+            sink = functools.partial(self._replicated, owners, batch)
+            try:
+                self.links[node].write_many(items, deadline, sink)
+            except (errors.KVError, TransportError) as exc:
+                sink(0, [exc] * len(items))
+        await batch.wait(deadline)
         for i, op in ops:
             ok = op.tally.outcome is Outcome.WON or unsafe
             results[i] = op.result if ok else errors.Timeout(op.tally.required, op.tally.acks)
 
-    def _write_done(
-        self, op: _Write, batch: _Batch, target: Target, fut: asyncio.Future[None]
+    def _replicated(
+        self,
+        owners: list[tuple[_Write, Target]],
+        batch: _Batch,
+        offset: int,
+        replies: list[Exception | None],
     ) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            op.tally.ok(target.node)
-        else:
-            op.tally.failed(target.node)
-            self._missed(target.hint_for or target.node, op.place.pkey)
-        if not op.decided and op.tally.outcome is not Outcome.PENDING:
-            op.decided = True
-            batch.done_one()
+        """A peer's replies to a run of replicated writes (None: stored durably)."""
+        mine = owners[offset : offset + len(replies)]
+        for (op, target), reply in zip(mine, replies, strict=True):
+            if reply is None:
+                op.tally.ok(target.node)
+            else:
+                op.tally.failed(target.node)
+                self._missed(target.hint_for or target.node, op.place.pkey)
+            if not op.decided and op.tally.outcome is not Outcome.PENDING:
+                op.decided = True
+                batch.done_one()
 
     def _missed(self, owner: NodeId, pkey_: bytes) -> None:
         """Remember that ``owner`` did not take a write: it becomes a hint here."""

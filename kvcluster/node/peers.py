@@ -35,11 +35,25 @@ I = TypeVar("I")  # noqa: E741 (item)
 R = TypeVar("R")  # per-item result
 
 
+#: Called with the offset of a run of submitted items and their results.
+Sink = Callable[[int, list[Any]], None]
+
+
 @dataclass(slots=True)
-class _Pending(Generic[I, R]):
-    item: I
+class _Pending(Generic[I]):
+    """Items submitted together: one queue entry, one call of ``sink`` with their results."""
+
+    items: list[I]
     deadline: float
-    future: asyncio.Future[R]
+    sink: Sink
+    offset: int
+    future: asyncio.Future[Any] | None  # single submissions: done means nobody waits
+
+    def skip(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def deliver(self, results: list[Any]) -> None:
+        self.sink(self.offset, results)
 
 
 class _Lane(Generic[I, R]):
@@ -56,23 +70,62 @@ class _Lane(Generic[I, R]):
         self._send = send
         self._batch = batch
         self._limit = limit
-        self._queue: deque[_Pending[I, R]] = deque()
+        self._queue: deque[_Pending[I]] = deque()
+        self._queued = 0  # items in the queue
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, item: I, deadline: float) -> asyncio.Future[R]:
-        if len(self._queue) >= self._limit:
-            raise errors.Overloaded(f"replication queue to {self._name} is full", self._name)
+        """One item; the future gets its result (or its exception)."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(item, deadline, loop.create_future())
-        self._queue.append(pending)
+        future: asyncio.Future[R] = loop.create_future()
+        self._enqueue(loop, [_Pending([item], deadline, _resolver(future), 0, future)])
+        return future
+
+    def submit_many(self, items: list[I], deadline: float, sink: Sink) -> None:
+        """Items sent in as few messages as the batch size allows, in order: each
+        run of them is passed to ``sink(offset, results)`` once its reply (or
+        failure: an Exception per item) is in. Raises Overloaded, queueing
+        nothing, when the lane cannot take them all."""
+        step = self._batch
+        runs = [
+            _Pending(items[i : i + step], deadline, sink, i, None)
+            for i in range(0, len(items), step)
+        ]
+        self._enqueue(asyncio.get_running_loop(), runs)
+
+    def _enqueue(self, loop: asyncio.AbstractEventLoop, runs: list[_Pending[I]]) -> None:
+        count = sum(len(p.items) for p in runs)
+        if self._queued + count > self._limit and self._queued:
+            raise errors.Overloaded(f"replication queue to {self._name} is full", self._name)
+        self._queue.extend(runs)
+        self._queued += count
         self._wakeup.set()
         if self._task is None:
             self._task = loop.create_task(self._run(), name=f"lane-{self._name}")
-        return pending.future
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._queued
+
+    def _take(self, now: float) -> list[_Pending[I]]:
+        """The next batch: queued runs up to the batch size (a run is never split)."""
+        batch: list[_Pending[I]] = []
+        count = 0
+        while self._queue:
+            pending = self._queue[0]
+            if batch and count + len(pending.items) > self._batch:
+                break
+            self._queue.popleft()
+            self._queued -= len(pending.items)
+            if pending.skip():
+                continue
+            if pending.deadline <= now:
+                failure = TransportError(self._name, "deadline passed")
+                pending.deliver([failure] * len(pending.items))
+                continue
+            batch.append(pending)
+            count += len(pending.items)
+        return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,32 +134,24 @@ class _Lane(Generic[I, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             now = loop.time()
-            batch: list[_Pending[I, R]] = []
-            while self._queue and len(batch) < self._batch:
-                pending = self._queue.popleft()
-                if pending.future.done():
-                    continue
-                if pending.deadline <= now:
-                    pending.future.set_exception(TransportError(self._name, "deadline passed"))
-                    continue
-                batch.append(pending)
+            batch = self._take(now)
             if not batch:
                 continue
+            items = [item for pending in batch for item in pending.items]
             timeout = max(p.deadline for p in batch) - now
+            results: list[Any]
             try:
-                results = await self._send([p.item for p in batch], timeout)
+                results = await self._send(items, timeout)
             except (TransportError, errors.KVError) as exc:
-                results = [exc] * len(batch)
+                results = [exc] * len(items)
             except Exception as exc:  # a bug: fail the batch, keep the lane alive
                 log.exception("replication to %s failed", self._name)
-                results = [errors.Internal(str(exc))] * len(batch)
-            for pending, result in zip(batch, results, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(result, Exception):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(result)
+                results = [errors.Internal(str(exc))] * len(items)
+            start = 0
+            for pending in batch:
+                end = start + len(pending.items)
+                pending.deliver(results[start:end])
+                start = end
 
     async def close(self) -> None:
         if self._task is not None:
@@ -116,8 +161,24 @@ class _Lane(Generic[I, R]):
             self._task = None
         while self._queue:
             pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(TransportError(self._name, "link closed"))
+            self._queued -= len(pending.items)
+            if not pending.skip():
+                pending.deliver([TransportError(self._name, "link closed")] * len(pending.items))
+
+
+def _resolver(future: asyncio.Future[Any]) -> Sink:
+    """The sink of a single submission: settles ``future`` with the item's result."""
+
+    def settle(_offset: int, results: list[Any]) -> None:
+        if future.done():
+            return
+        [result] = results
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    return settle
 
 
 class PeerLink:
@@ -136,6 +197,11 @@ class PeerLink:
     def write(self, item: WriteItem, deadline: float) -> asyncio.Future[None]:
         """Resolves once the peer stored ``item`` durably."""
         return self._writes.submit(item, deadline)
+
+    def write_many(self, items: list[WriteItem], deadline: float, sink: Sink) -> None:
+        """Send ``items`` (see :meth:`_Lane.submit_many`); a result is None once
+        the peer stored its item durably, else the Exception it met."""
+        self._writes.submit_many(items, deadline, sink)
 
     def queued(self) -> int:
         return len(self._reads) + len(self._writes)

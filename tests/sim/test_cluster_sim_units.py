@@ -16,6 +16,7 @@ import pytest
 
 from kvcluster import errors
 from kvcluster.core.hashing import partition_of
+from kvcluster.node.coordinator import WriteRequest
 from kvcluster.node.settings import NodeSettings
 from kvcluster.sim.cluster import SimCluster, sim_settings
 from kvcluster.sim.loop import run_simulation
@@ -452,5 +453,34 @@ def test_node_killed_right_after_acknowledging_restarts_with_the_write() -> None
         assert c.local_values("n1", b"durable") == [b"acknowledged"]
         await wait_all_up(c)
         assert (await c.client(["n1"]).get(b"durable", r="all")).values == [b"acknowledged"]
+
+    scenario(body)
+
+
+def test_put_many_replicates_in_one_message_per_peer_and_hints_what_a_peer_missed() -> None:
+    """A coordinated batch goes to each peer as one ReplicaWrite (not one per key);
+    with a peer down, every key still meets W=2 and each becomes a hint for it."""
+    keys = [b"batch-%d" % i for i in range(40)]
+
+    async def body(c: SimCluster) -> None:
+        reqs = [WriteRequest(k, b"v-" + k) for k in keys]
+        c.network.tracing = True
+        results = await c._on("n1", lambda node: node.coordinator.put_many(reqs))
+        assert not [r for r in results if isinstance(r, errors.KVError)]
+        sent = [
+            (e.src, e.dst) for e in c.network.trace if e.event == "send" and e.msg == "ReplicaWrite"
+        ]
+        assert sorted(sent) == [("n1", "n2"), ("n1", "n3")]
+        for node in ("n1", "n2", "n3"):
+            assert all(values(c, node, k) == [b"v-" + k] for k in keys)
+
+        c.crash("n3")
+        contexts = [r.context for r in results if not isinstance(r, errors.KVError)]
+        again = [WriteRequest(k, b"w-" + k, ctx) for k, ctx in zip(keys, contexts, strict=True)]
+        results = await c._on("n1", lambda node: node.coordinator.put_many(again))
+        assert not [r for r in results if isinstance(r, errors.KVError)]
+        assert all(values(c, "n2", k) == [b"w-" + k] for k in keys)
+        await asyncio.sleep(c.settings.request_timeout + 0.5)  # misses become hints
+        assert c.node("n1").handoff.pending() == {"n3": len(keys)}
 
     scenario(body)
