@@ -22,7 +22,8 @@ import msgpack
 
 _BY_TAG: dict[int, type[Any]] = {}
 _TAG_OF: dict[type[Any], int] = {}
-_FIELDS: dict[type[Any], tuple[str, ...]] = {}  # field names in declaration order
+_FLATTEN: dict[type[Any], Callable[[Any], tuple[Any, ...]]] = {}  # message -> its fields
+_UNFLATTEN: dict[int, Callable[[tuple[Any, ...]], Any]] = {}  # tag: fields -> message
 
 M = TypeVar("M")
 
@@ -31,8 +32,23 @@ class CodecError(ValueError):
     """The bytes are not a valid encoding of a registered message."""
 
 
-def message(tag: int) -> Callable[[type[M]], type[M]]:
-    """Register a frozen dataclass as a wire message with a unique ``tag`` (1..127)."""
+def message(
+    tag: int,
+    *,
+    flatten: Callable[[Any], tuple[Any, ...]] | None = None,
+    unflatten: Callable[[tuple[Any, ...]], Any] | None = None,
+) -> Callable[[type[M]], type[M]]:
+    """Register a frozen dataclass as a wire message with a unique ``tag`` (1..127).
+
+    By default its fields are encoded in declaration order, nested messages as
+    extension objects of their own. A hot message may give ``flatten`` (the
+    fields as plain msgpack values) and ``unflatten`` (the message back from
+    them) instead: e.g. a batch of small messages as one array of tuples, which
+    msgpack packs without a Python call per item. ``unflatten`` raises
+    TypeError or ValueError on a malformed input.
+    """
+    if (flatten is None) != (unflatten is None):
+        raise ValueError("give both flatten and unflatten, or neither")
 
     def register(cls: type[M]) -> type[M]:
         if not dataclasses.is_dataclass(cls):
@@ -43,29 +59,33 @@ def message(tag: int) -> Callable[[type[M]], type[M]]:
             raise ValueError(f"tag {tag} used by {_BY_TAG[tag].__name__} and {cls.__name__}")
         _BY_TAG[tag] = cls
         _TAG_OF[cls] = tag
-        _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        _FLATTEN[cls] = flatten or (lambda obj: tuple([getattr(obj, n) for n in names]))
+        _UNFLATTEN[tag] = unflatten or (lambda fields: cls(*fields))
         return cls
 
     return register
 
 
 def _default(obj: Any) -> Any:
-    tag = _TAG_OF.get(type(obj))
-    if tag is None:
+    flatten = _FLATTEN.get(type(obj))
+    if flatten is None:
         raise TypeError(f"cannot encode {type(obj).__name__}")
-    fields = tuple([getattr(obj, name) for name in _FIELDS[type(obj)]])
-    return msgpack.ExtType(tag, msgpack.packb(fields, default=_default, use_bin_type=True))
+    fields = flatten(obj)
+    return msgpack.ExtType(
+        _TAG_OF[type(obj)], msgpack.packb(fields, default=_default, use_bin_type=True)
+    )
 
 
 def _ext_hook(tag: int, data: bytes) -> Any:
-    cls = _BY_TAG.get(tag)
-    if cls is None:
+    unflatten = _UNFLATTEN.get(tag)
+    if unflatten is None:
         raise CodecError(f"unknown message tag {tag}")
     fields = msgpack.unpackb(data, ext_hook=_ext_hook, use_list=False, raw=False)
     try:
-        return cls(*fields)
-    except TypeError as exc:
-        raise CodecError(f"malformed {cls.__name__}: {exc}") from exc
+        return unflatten(fields)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"malformed {_BY_TAG[tag].__name__}: {exc}") from exc
 
 
 def encode(msg: object) -> bytes:
