@@ -93,6 +93,8 @@ class Entry(Generic[V]):
     counter: int
     values: tuple[V, ...] = ()
 
+    # kvcluster.core.record.decode_record makes these checks itself and builds
+    # entries without __post_init__: keep the two in step.
     def __post_init__(self) -> None:
         if self.counter < 0:
             raise ValueError(f"negative counter {self.counter} for actor {self.actor!r}")
@@ -111,6 +113,9 @@ class Clock(Generic[V]):
     entries: tuple[Entry[V], ...] = ()
     anonymous: tuple[V, ...] = ()
 
+    # kvcluster.core.record.decode_record checks the entry order itself and
+    # builds clocks without __post_init__ (unless they have anonymous values):
+    # keep the two in step.
     def __post_init__(self) -> None:
         entries = self.entries
         for i in range(1, len(entries)):

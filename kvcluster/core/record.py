@@ -20,6 +20,7 @@ Context bytes (opaque to clients): ``b""`` for no context, else
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -48,6 +49,9 @@ RECORD_FORMAT = 1
 CONTEXT_FORMAT = 1
 _RECORD_PREFIX = bytes([RECORD_FORMAT])
 _CONTEXT_PREFIX = bytes([CONTEXT_FORMAT])
+#: Up to this size decode_record unpacks a copy of the record's msgpack part,
+#: which costs less than a memoryview of it.
+_COPY_LIMIT = 4096
 
 
 class CorruptRecord(ValueError):
@@ -69,6 +73,28 @@ class Sibling:
 
 
 Record: TypeAlias = Clock[Sibling]
+
+# decode_record builds records without running __init__ and __post_init__:
+# object.__new__, then the slot descriptors' setters (which bypass the frozen
+# __setattr__), after checking the invariants those would check.
+_new = object.__new__
+
+
+def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
+    """The setter of the slot ``name`` of ``cls`` (a slots dataclass field)."""
+    setter: Callable[[object, object], None] = cls.__dict__[name].__set__
+    return setter
+
+
+_set_timestamp = _slot_setter(Sibling, "timestamp_ms")
+_set_deleted = _slot_setter(Sibling, "deleted")
+_set_data = _slot_setter(Sibling, "data")
+_set_actor = _slot_setter(Entry, "actor")
+_set_counter = _slot_setter(Entry, "counter")
+_set_values = _slot_setter(Entry, "values")
+_set_entries = _slot_setter(Clock, "entries")
+_set_anonymous = _slot_setter(Clock, "anonymous")
+_BAD_SIBLING = "sibling must be [timestamp_ms (int), deleted (bool), data (bin)]"
 
 
 def live(data: bytes, timestamp_ms: int) -> Sibling:
@@ -108,16 +134,20 @@ def newest_timestamp(rec: Record) -> int | None:
 
 def encode_record(rec: Record) -> bytes:
     """The canonical bytes of ``rec`` (see the module docstring)."""
-    body = (
-        [
-            [e.actor, e.counter, [[s.timestamp_ms, s.deleted, s.data] for s in e.values]]
-            for e in rec.entries
-        ],
-        [[s.timestamp_ms, s.deleted, s.data] for s in rec.anonymous],
-    )
+    # Plain loops build the body faster than nested comprehensions; msgpack
+    # packs tuples and lists alike, as arrays.
+    entries = []
+    for entry in rec.entries:
+        siblings = []
+        for s in entry.values:
+            siblings.append((s.timestamp_ms, s.deleted, s.data))
+        entries.append((entry.actor, entry.counter, siblings))
+    anonymous = []
+    for s in rec.anonymous:
+        anonymous.append((s.timestamp_ms, s.deleted, s.data))
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
     packer.pack(RECORD_FORMAT)  # msgpack packs 1 as the single byte 0x01
-    packer.pack(body)
+    packer.pack((entries, anonymous))
     out: bytes = packer.bytes()
     return out
 
@@ -130,18 +160,73 @@ def decode_record(data: bytes) -> Record:
     msgpack's longer spellings of a value (an int in 8 bytes, say) are
     accepted; canonical bytes are what :func:`encode_record` produces, and a
     node only ever stores those."""
+    # Every replicated write decodes records, so this is one flat loop: it
+    # checks the invariants of Sibling, Entry and Clock itself and then builds
+    # them without __init__/__post_init__ (_new and the slot setters). A check
+    # that fails calls the checked code (_tuple, the constructors), which
+    # raises the same error, with the same message, as the plain decoder would.
     if data[:1] != _RECORD_PREFIX:
         raise CorruptRecord(f"unknown record format {data[:1]!r}")
-    body = _unpack(data, CorruptRecord)
     try:
-        entries_raw, anonymous_raw = _tuple(body, 2)
-        entries = []
-        for item in _tuple(entries_raw):
-            actor, counter, siblings_raw = _tuple(item, 3)
+        # _unpack, inline; a small record is cheaper to copy than to view
+        packed = data[1:] if len(data) <= _COPY_LIMIT else memoryview(data)[1:]
+        body = msgpack.unpackb(packed, use_list=False, raw=False, strict_map_key=True)
+    except ValueError as exc:
+        raise CorruptRecord(f"undecodable msgpack: {exc}") from exc
+    try:
+        if type(body) is not tuple or len(body) != 2:
+            _tuple(body, 2)  # raises
+        entries_raw, anonymous_raw = body
+        if type(entries_raw) is not tuple:
+            _tuple(entries_raw)  # raises
+        entries: list[Entry[Sibling]] = []
+        previous = None
+        in_order = True
+        for item in entries_raw:
+            if type(item) is not tuple or len(item) != 3:
+                _tuple(item, 3)  # raises
+            actor, counter, siblings_raw = item
             if type(actor) is not str or type(counter) is not int:
                 raise ValueError("entry must start with actor (str) and counter (int)")
-            entries.append(Entry(actor, counter, _siblings(siblings_raw)))
-        return Clock(tuple(entries), _siblings(anonymous_raw))
+            if type(siblings_raw) is not tuple:
+                _tuple(siblings_raw)  # raises
+            siblings = []
+            for raw in siblings_raw:
+                if type(raw) is not tuple or len(raw) != 3:
+                    _tuple(raw, 3)  # raises
+                timestamp_ms, deleted, blob = raw
+                if (
+                    type(timestamp_ms) is not int
+                    or type(deleted) is not bool
+                    or type(blob) is not bytes
+                ):
+                    raise ValueError(_BAD_SIBLING)
+                if deleted and blob:
+                    Sibling(timestamp_ms, deleted, blob)  # raises: a tombstone carries no data
+                sibling = _new(Sibling)
+                _set_timestamp(sibling, timestamp_ms)
+                _set_deleted(sibling, deleted)
+                _set_data(sibling, blob)
+                siblings.append(sibling)
+            values = tuple(siblings)
+            if len(values) > counter:  # or counter < 0
+                Entry(actor, counter, values)  # raises
+            entry = _new(Entry)
+            _set_actor(entry, actor)
+            _set_counter(entry, counter)
+            _set_values(entry, values)
+            entries.append(entry)
+            if previous is not None and not previous < actor:
+                in_order = False
+            previous = actor
+        if anonymous_raw != () or not in_order:
+            # anonymous values (rare: stored records have none) or misordered
+            # entries: the checked constructor, which raises the order errors
+            return Clock(tuple(entries), _siblings(anonymous_raw))
+        clock: Record = _new(Clock)
+        _set_entries(clock, tuple(entries))
+        _set_anonymous(clock, ())
+        return clock
     except ValueError as exc:
         raise CorruptRecord(f"invalid record: {exc}") from exc
 
@@ -151,7 +236,7 @@ def _siblings(raw: object) -> tuple[Sibling, ...]:
     for item in _tuple(raw):
         timestamp_ms, deleted, data = _tuple(item, 3)
         if type(timestamp_ms) is not int or type(deleted) is not bool or type(data) is not bytes:
-            raise ValueError("sibling must be [timestamp_ms (int), deleted (bool), data (bin)]")
+            raise ValueError(_BAD_SIBLING)
         out.append(Sibling(timestamp_ms, deleted, data))
     return tuple(out)
 
