@@ -69,7 +69,14 @@ def partition_bits(q: int) -> int:
 
 def partition_of(key: bytes, q: int) -> int:
     """The partition of ``key`` among ``q`` partitions: the top ``log2(q)`` bits of its hash."""
-    return key_hash(key) >> (HASH_BITS - partition_bits(q))
+    shift = _SHIFTS.get(q) if type(q) is int else None  # True == 1 must not hit the cache
+    if shift is None:  # a count is checked once, not per key
+        shift = HASH_BITS - partition_bits(q)
+        _SHIFTS[q] = shift
+    return key_hash(key) >> shift
+
+
+_SHIFTS: dict[int, int] = {}
 
 
 def pkey(partition: int, key: bytes) -> bytes:

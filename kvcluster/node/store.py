@@ -52,6 +52,7 @@ META_MERKLE_FORMAT = b"merkle_format"
 MERKLE_FORMAT = b"xxh3-128"
 
 SEGMENTS = merkle.DEFAULT_SEGMENTS
+_SEGMENT_MASK = SEGMENTS - 1
 
 
 def stored_epoch(raw: bytes) -> int:
@@ -129,8 +130,8 @@ def leaf_of(pkey: bytes, record: bytes | None) -> int | None:
 def _update_segment(
     view: WriteView, pkey: bytes, old_leaf: int | None, new_leaf: int | None
 ) -> None:
-    partition = int.from_bytes(pkey[:2], "big")
-    skey = segment_key(partition, merkle.segment_of(key_hash(pkey[2:]), SEGMENTS))
+    # segment_key(partition, merkle.segment_of(key_hash(key), SEGMENTS)), inlined: hot path
+    skey = pkey[:2] + (key_hash(pkey[2:]) & _SEGMENT_MASK).to_bytes(2, "big")
     raw = view.get(Table.MERKLE, skey)
     current = int.from_bytes(raw, "big") if raw else 0
     updated = merkle.replace_leaf(current, old_leaf, new_leaf)

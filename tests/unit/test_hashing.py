@@ -166,3 +166,11 @@ def test_split_pkey_of_a_bare_prefix_is_an_empty_key() -> None:
 def test_split_pkey_rejects_keys_without_a_prefix(pk: bytes) -> None:
     with pytest.raises(ValueError, match="too short"):
         split_pkey(pk)
+
+
+def test_a_bad_count_is_rejected_even_after_good_ones_were_used() -> None:
+    assert partition_of(b"k", 1) == 0  # 1 == True: a cache keyed by count must not say yes
+    with pytest.raises(ValueError, match="partition count"):
+        partition_of(b"k", True)
+    with pytest.raises(ValueError, match="partition count"):
+        partition_of(b"k", 1.0)  # type: ignore[arg-type]
