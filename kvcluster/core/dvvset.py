@@ -58,6 +58,8 @@ __all__ = [
     "size",
     "sync",
     "sync_all",
+    "unchecked_clock",
+    "unchecked_entry",
     "update",
     "update_with",
     "validate_vector",
@@ -129,6 +131,35 @@ class Clock(Generic[V]):
 
 _EMPTY: Clock[Any] = Clock()
 
+# Building entries and clocks whose invariants the caller has just checked,
+# without __init__ / __post_init__ (frozen dataclass construction is a third
+# of a microsecond; hot paths build several per key).
+_new = object.__new__
+_set_actor = Entry.__dict__["actor"].__set__
+_set_counter = Entry.__dict__["counter"].__set__
+_set_values = Entry.__dict__["values"].__set__
+_set_entries = Clock.__dict__["entries"].__set__
+_set_anonymous = Clock.__dict__["anonymous"].__set__
+
+
+def unchecked_entry(actor: Actor, counter: int, values: tuple[V, ...] = ()) -> Entry[V]:
+    """``Entry(actor, counter, values)`` for a caller that has checked
+    ``0 <= len(values) <= counter`` itself."""
+    entry: Entry[V] = _new(Entry)
+    _set_actor(entry, actor)
+    _set_counter(entry, counter)
+    _set_values(entry, values)
+    return entry
+
+
+def unchecked_clock(entries: tuple[Entry[V], ...], anonymous: tuple[V, ...] = ()) -> Clock[V]:
+    """``Clock(entries, anonymous)`` for a caller that has checked the canonical
+    order itself (entries by actor, unique; anonymous values sorted, unique)."""
+    clock: Clock[V] = _new(Clock)
+    _set_entries(clock, entries)
+    _set_anonymous(clock, anonymous)
+    return clock
+
 
 # -- construction ---------------------------------------------------------------------
 
@@ -149,8 +180,8 @@ def new_with_context(vv: VersionVector, value: V) -> Clock[V]:
     Raises ValueError if ``vv`` is not sorted by actor with unique actors or has
     a negative counter. Zero counters carry no history and are dropped.
     """
-    validate_vector(vv)
-    return Clock(tuple(Entry(actor, n) for actor, n in vv if n), (value,))
+    validate_vector(vv)  # sorted, unique actors, counters >= 0: the entries below are valid
+    return unchecked_clock(tuple([unchecked_entry(actor, n) for actor, n in vv if n]), (value,))
 
 
 def validate_vector(vv: VersionVector) -> None:

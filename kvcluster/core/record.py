@@ -27,7 +27,7 @@ from typing import Any, TypeAlias
 import msgpack
 
 from kvcluster.core import dvvset
-from kvcluster.core.dvvset import Clock, Entry, VersionVector
+from kvcluster.core.dvvset import Clock, Entry, VersionVector, unchecked_clock, unchecked_entry
 from kvcluster.errors import InvalidArgument
 
 __all__ = [
@@ -89,11 +89,6 @@ def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
 _set_timestamp = _slot_setter(Sibling, "timestamp_ms")
 _set_deleted = _slot_setter(Sibling, "deleted")
 _set_data = _slot_setter(Sibling, "data")
-_set_actor = _slot_setter(Entry, "actor")
-_set_counter = _slot_setter(Entry, "counter")
-_set_values = _slot_setter(Entry, "values")
-_set_entries = _slot_setter(Clock, "entries")
-_set_anonymous = _slot_setter(Clock, "anonymous")
 _BAD_SIBLING = "sibling must be [timestamp_ms (int), deleted (bool), data (bin)]"
 
 
@@ -211,11 +206,7 @@ def decode_record(data: bytes) -> Record:
             values = tuple(siblings)
             if len(values) > counter:  # or counter < 0
                 Entry(actor, counter, values)  # raises
-            entry = _new(Entry)
-            _set_actor(entry, actor)
-            _set_counter(entry, counter)
-            _set_values(entry, values)
-            entries.append(entry)
+            entries.append(unchecked_entry(actor, counter, values))
             if previous is not None and not previous < actor:
                 in_order = False
             previous = actor
@@ -223,10 +214,7 @@ def decode_record(data: bytes) -> Record:
             # anonymous values (rare: stored records have none) or misordered
             # entries: the checked constructor, which raises the order errors
             return Clock(tuple(entries), _siblings(anonymous_raw))
-        clock: Record = _new(Clock)
-        _set_entries(clock, tuple(entries))
-        _set_anonymous(clock, ())
-        return clock
+        return unchecked_clock(tuple(entries))
     except ValueError as exc:
         raise CorruptRecord(f"invalid record: {exc}") from exc
 

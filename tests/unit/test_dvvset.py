@@ -414,3 +414,16 @@ def test_pruned_values_do_not_come_back_from_a_replica_that_still_has_them() -> 
     assert sync(c, pruned) == pruned
     # Nor from a replica that has seen less.
     assert sync(pruned, clock(("a", 2, "t2"), ("b", 1, "t1"))) == pruned
+
+
+def test_unchecked_constructors_build_what_the_checked_ones_build() -> None:
+    from kvcluster.core.dvvset import Clock, Entry, unchecked_clock, unchecked_entry
+
+    entry = unchecked_entry("a", 3, ("v2", "v1"))
+    assert entry == Entry("a", 3, ("v2", "v1")) and hash(entry) == hash(Entry("a", 3, ("v2", "v1")))
+    assert unchecked_entry("b", 1) == Entry("b", 1)
+    built = unchecked_clock((entry,), ("w",))
+    assert built == Clock((Entry("a", 3, ("v2", "v1")),), ("w",))
+    assert unchecked_clock(()) == Clock()
+    with pytest.raises(AttributeError):
+        built.anonymous = ()  # type: ignore[misc]  # still frozen
