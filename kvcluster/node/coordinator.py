@@ -12,10 +12,11 @@ preference list; replicas that are slow past ``speculative_read`` get a
 speculative extra read.
 
 Writes are applied by a replica of the key (this node, or the one the request
-is forwarded to): the dvvset event is created against the local copy, stored
-durably, and the resulting record is sent to the other replicas through the
-per-peer batching links; the write is acknowledged once W of them (this node
-included) have it durably. Replicas that miss a write, and owners that are
+is forwarded to): the dvvset event is created against the local copy and
+applied, and the resulting record is sent to the other replicas through the
+per-peer batching links while this node syncs its own copy; the write is
+acknowledged once W replicas (this node included, once its sync is done) have
+it durably. Replicas that miss a write, and owners that are
 down with no fallback, get a hint on this node, so handoff brings them up to
 date without waiting for anti-entropy.
 """
@@ -48,7 +49,7 @@ from kvcluster.core.ring import Ring
 from kvcluster.net.messages import ForwardPut, PutReply, WriteItem
 from kvcluster.net.transport import NodeId, Transport, TransportError
 from kvcluster.node.peers import PeerLinks
-from kvcluster.node.replica import Event, LocalReplica
+from kvcluster.node.replica import Coordinated, Event, LocalReplica
 from kvcluster.node.settings import MAX_KEY_BYTES, NodeSettings
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class _Write:
     place: Placement
     deadline: float
     result: WriteResult
-    tally: Tally  # this node's own durable copy already counted
+    tally: Tally  # this node's copy counts once durable
     decided: bool = False
 
 
@@ -470,47 +471,79 @@ class Coordinator:
         results: list[WriteResult | errors.KVError | None],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        """Apply ``events`` here, replicate them, and wait for W acks each."""
-        outcomes = await self.replica.coordinate_many(
-            events, self.clock.wall_ms(), lww=self.settings.unsafe_lww
-        )
+        """Apply ``events`` here, replicate them, and wait for W durable copies each.
+
+        The records go to the peers as soon as they are applied here, so this
+        node's synced commit and the peers' run at the same time; this node's
+        copy counts toward W once it is durable (Dynamo's coordinator does the
+        same: its own write is one of the W, not a step before them).
+        """
         batch = _Batch(loop)
-        ops: list[tuple[int, _Write]] = []
+        ops: list[_Write | None] = [None] * len(local)  # per event, once replicated
         unsafe = self.settings.unsafe_ack_before_w
-        # per peer: the items to send it, and the write and target of each
-        sends: dict[NodeId, tuple[list[WriteItem], list[tuple[_Write, Target]]]] = {}
-        for (i, place, required, deadline), outcome in zip(local, outcomes, strict=True):
-            if isinstance(outcome, errors.KVError):
-                results[i] = outcome
-                continue
-            record, clock, base = outcome
-            result = WriteResult(encode_context(dvvset.join(clock)), live_values(clock))
-            tally = Tally(required, [t.node for t in place.targets])
-            tally.ok(self.node_id)
-            op = _Write(place, deadline, result, tally)
-            ops.append((i, op))
-            if tally.outcome is Outcome.WON or unsafe:
-                op.decided = True  # unsafe: deliberately acknowledged with one copy
-            else:
+        started = False
+
+        def replicate(applied: list[Coordinated | errors.KVError]) -> None:
+            nonlocal started
+            started = True
+            # per peer: the items to send it, and the write and target of each
+            sends: dict[NodeId, tuple[list[WriteItem], list[tuple[_Write, Target]]]] = {}
+            for k, ((_, place, required, deadline), outcome) in enumerate(
+                zip(local, applied, strict=True)
+            ):
+                if isinstance(outcome, errors.KVError):
+                    continue  # not applied: the error comes back with the durable outcome
+                record, clock, base = outcome
+                result = WriteResult(encode_context(dvvset.join(clock)), live_values(clock))
+                tally = Tally(required, [t.node for t in place.targets])
+                op = ops[k] = _Write(place, deadline, result, tally)
                 batch.pending += 1
-            for target in place.targets:
-                if target.node == self.node_id:
-                    continue
-                items, owners = sends.setdefault(target.node, ([], []))
-                items.append(WriteItem(place.pkey, record, target.hint_for, base))
-                owners.append((op, target))
-        if not ops:
-            return
-        deadline = max(op.deadline for _, op in ops)
-        for node, (items, owners) in sends.items():
-            sink = functools.partial(self._replicated, owners, batch)
-            try:
-                self.links[node].write_many(items, deadline, sink)
-            except (errors.KVError, TransportError) as exc:
-                sink(0, [exc] * len(items))
-        await batch.wait(deadline)
-        for i, op in ops:
-            ok = op.tally.outcome is Outcome.WON or unsafe
+                for target in place.targets:
+                    if target.node == self.node_id:
+                        continue
+                    items, owners = sends.setdefault(target.node, ([], []))
+                    items.append(WriteItem(place.pkey, record, target.hint_for, base))
+                    owners.append((op, target))
+            for node, (items, owners) in sends.items():
+                deadline = max(op.deadline for op, _ in owners)
+                sink = functools.partial(self._replicated, owners, batch)
+                try:
+                    self.links[node].write_many(items, deadline, sink)
+                except (errors.KVError, TransportError) as exc:
+                    sink(0, [exc] * len(items))
+
+        outcomes = await self.replica.coordinate_many(
+            events, self.clock.wall_ms(), lww=self.settings.unsafe_lww, on_applied=replicate
+        )
+        if not started:  # nothing was applied (the storage refused the write)
+            replicate(outcomes)
+        local_ok: list[bool] = []
+        for op, (i, *_), outcome in zip(ops, local, outcomes, strict=True):
+            durable = not isinstance(outcome, errors.KVError)
+            local_ok.append(durable)
+            if op is None:  # never applied, so never durable either
+                results[i] = (
+                    outcome
+                    if isinstance(outcome, errors.KVError)
+                    else errors.Internal("a write became durable without being applied")
+                )
+                continue
+            if durable:
+                op.tally.ok(self.node_id)
+            else:  # applied, then lost with its batch: the peers' copies decide
+                op.tally.failed(self.node_id)
+            if op.decided:
+                continue
+            if op.tally.outcome is not Outcome.PENDING or (unsafe and durable):
+                op.decided = True  # unsafe: deliberately acknowledged with one copy
+                batch.done_one()
+        waiting = [op for op in ops if op is not None]
+        if waiting:
+            await batch.wait(max(op.deadline for op in waiting))
+        for op, (i, *_), durable in zip(ops, local, local_ok, strict=True):
+            if op is None:
+                continue
+            ok = op.tally.outcome is Outcome.WON or (unsafe and durable)
             results[i] = op.result if ok else errors.Timeout(op.tally.required, op.tally.acks)
 
     def _replicated(

@@ -8,7 +8,7 @@ runs inside the write transaction (one writer), never racing another update.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -102,7 +102,11 @@ class LocalReplica:
         return outcome.record, outcome.clock
 
     async def coordinate_many(
-        self, events: Sequence[Event], now_ms: int, lww: bool = False
+        self,
+        events: Sequence[Event],
+        now_ms: int,
+        lww: bool = False,
+        on_applied: Callable[[list[Coordinated | errors.KVError]], None] | None = None,
     ) -> list[Coordinated | errors.KVError]:
         """Apply client writes as this node's events, in one group-committed write.
 
@@ -110,7 +114,9 @@ class LocalReplica:
         ``hint_for`` names the owners that must receive the record later (the
         one this node stands in for, and owners that are down with no
         fallback). Returns per event the new record (bytes and clock) or the
-        error that event met. ``lww`` (unsafe, for checker tests only)
+        error that event met, once durable. ``on_applied`` gets the same list as
+        soon as the writes are applied, before they are durable (see
+        :meth:`Storage.write`). ``lww`` (unsafe, for checker tests only)
         collapses siblings to the newest value.
         """
         incarnation = self.incarnation
@@ -149,8 +155,15 @@ class LocalReplica:
                 out.append((Coordinated(record, updated, base), added))
             return out
 
+        applied = None
+        if on_applied is not None:
+            notify = on_applied
+
+            def applied(results: list[tuple[Coordinated, list[int]] | errors.KVError]) -> None:
+                notify([r if isinstance(r, errors.KVError) else r[0] for r in results])
+
         try:
-            results = await self.storage.write(apply)
+            results = await self.storage.write(apply, applied)
         except errors.KVError as exc:
             return [exc] * len(events)
         outcomes: list[Coordinated | errors.KVError] = []

@@ -77,8 +77,16 @@ class Storage(Protocol):
         """A snapshot; use as ``with storage.read() as view:``. Never blocks for long."""
         ...
 
-    async def write(self, fn: Callable[[WriteView], T]) -> T:
+    async def write(
+        self, fn: Callable[[WriteView], T], on_applied: Callable[[T], None] | None = None
+    ) -> T:
         """Apply ``fn`` atomically; return its result once the change is durable.
+
+        ``on_applied``, if given, is called on the caller's event loop with the
+        result as soon as ``fn`` has been applied, which may be before the change
+        is durable (and, rarely, before it is lost after all: then ``write``
+        raises). A caller can start work that does not need durability, e.g.
+        sending the change to other replicas while this one syncs it.
 
         Raises :class:`kvcluster.errors.Overloaded` when the write queue is full
         and :class:`kvcluster.errors.StorageFull` when the disk (map) is full;

@@ -338,6 +338,7 @@ class _Request:
     fn: Callable[[WriteView], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    on_applied: Callable[[Any], None] | None = None
 
 
 _Result = tuple[_Request, BaseException | None, Any]
@@ -456,10 +457,14 @@ class LmdbStorage:
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def write(self, fn: Callable[[WriteView], T]) -> T:
+    async def write(
+        self, fn: Callable[[WriteView], T], on_applied: Callable[[T], None] | None = None
+    ) -> T:
         """Apply ``fn`` in a write transaction; return its result once durable.
 
-        See :meth:`kvcluster.storage.base.Storage.write`. Raises ``Overloaded``
+        See :meth:`kvcluster.storage.base.Storage.write`: ``on_applied`` is
+        scheduled on the caller's loop once ``fn``'s child transaction has
+        committed into the batch, before the batch's synced commit. Raises ``Overloaded``
         (nothing queued) when ``max_pending`` writes are already waiting and
         ``Internal`` once :meth:`close` has been called.
         """
@@ -472,7 +477,7 @@ class LmdbStorage:
                 raise Overloaded(
                     f"storage write queue is full ({self._max_pending} pending)", queue="storage"
                 )
-            self._queue.append(_Request(fn, future, loop))
+            self._queue.append(_Request(fn, future, loop, on_applied))
             self._cond.notify()
         return cast(T, await future)
 
@@ -592,6 +597,9 @@ class LmdbStorage:
                 outcomes.append((req, _translate(exc), None))
                 return batch[i + 1 :], exc
             outcomes.append((req, None, value))
+            if req.on_applied is not None:
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    req.loop.call_soon_threadsafe(req.on_applied, value)
         return [], None
 
     @staticmethod

@@ -274,8 +274,11 @@ class MemoryStorage:
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def write(self, fn: Callable[[WriteView], T]) -> T:
-        """Await the delay hook, then apply ``fn`` atomically and return its result."""
+    async def write(
+        self, fn: Callable[[WriteView], T], on_applied: Callable[[T], None] | None = None
+    ) -> T:
+        """Await the delay hook, then apply ``fn`` atomically and return its result
+        (applied is durable here: ``on_applied`` is called just before returning)."""
         if self._closing or self._retired:
             raise Internal("storage is closed: write rejected")
         if self._pending >= self._max_pending:
@@ -291,7 +294,10 @@ class MemoryStorage:
                 self._drained.set_result(None)
         if self._retired:
             raise Internal("storage was reopened before this write was applied: not applied")
-        return self._apply(fn)
+        result = self._apply(fn)
+        if on_applied is not None:
+            on_applied(result)
+        return result
 
     def _apply(self, fn: Callable[[WriteView], T]) -> T:
         self._writes += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -482,5 +482,41 @@ def test_put_many_replicates_in_one_message_per_peer_and_hints_what_a_peer_misse
         assert all(values(c, "n2", k) == [b"w-" + k] for k in keys)
         await asyncio.sleep(c.settings.request_timeout + 0.5)  # misses become hints
         assert c.node("n1").handoff.pending() == {"n3": len(keys)}
+
+    scenario(body)
+
+
+def test_a_coordinator_whose_own_commit_is_lost_is_decided_by_its_peers() -> None:
+    """Records go to the peers once applied locally, before the local sync; if the
+    local batch is then lost, the write is acknowledged only if W peers hold it."""
+
+    async def body(c: SimCluster) -> None:
+        storage = c.node("n1").replica.storage
+        real_write = storage.write
+
+        async def lossy(fn: Any, on_applied: Any = None) -> Any:
+            def apply_then_lose(view: Any) -> Any:
+                result = fn(view)
+                if on_applied is not None:
+                    on_applied(result)
+                raise errors.StorageFull("the disk failed at commit")
+
+            return await real_write(apply_then_lose)
+
+        storage.write = lossy  # type: ignore[method-assign]
+        w2 = [WriteRequest(b"lost-%d" % i, b"v%d" % i) for i in range(5)]
+        results = await c._on("n1", lambda node: node.coordinator.put_many(w2))
+        assert not [r for r in results if isinstance(r, errors.KVError)]
+        for i in range(5):
+            key = b"lost-%d" % i
+            assert c.local_record("n1", key) is None
+            assert values(c, "n2", key) == values(c, "n3", key) == [b"v%d" % i]
+        w3 = [WriteRequest(b"lost-w3", b"x", w=3)]
+        [outcome] = await c._on("n1", lambda node: node.coordinator.put_many(w3))
+        assert isinstance(outcome, errors.Timeout)
+        # lost as soon as the local copy failed (3 copies can no longer be had);
+        # a Timeout, since the peers may well store it: maybe applied
+        assert outcome.required == 3 and outcome.received < 3
+        storage.write = real_write  # type: ignore[method-assign]
 
     scenario(body)

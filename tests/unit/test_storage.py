@@ -1195,3 +1195,57 @@ def test_memory_reopen_retires_the_old_store() -> None:
             assert items(view) == [(b"k", b"v")]
 
     run(main())
+
+
+# -- on_applied ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_on_applied_gets_the_result_before_the_write_returns(kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with harness(kind, tmp_path) as h:
+            seen: list[tuple[str, bool]] = []
+
+            def apply(view: WriteView) -> str:
+                view.put(Table.DATA, b"k", b"v")
+                return "value"
+
+            task: asyncio.Task[str] = start(
+                h.store.write(apply, lambda result: seen.append((result, task.done())))
+            )
+            assert await task == "value"
+            assert seen == [("value", False)]
+
+            def failing(view: WriteView) -> None:
+                view.put(Table.DATA, b"other", b"x")
+                raise Boom()
+
+            with pytest.raises(Boom):
+                await h.store.write(failing, lambda result: seen.append(("failing", False)))
+            assert seen == [("value", False)]  # a function that failed was never applied
+
+    run(main())
+
+
+def test_lmdb_on_applied_comes_before_the_synced_commit_which_may_still_fail(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with harness("lmdb", tmp_path) as h:
+            env = _faulty(h)
+            seen: list[str] = []
+
+            def apply(view: WriteView) -> str:
+                view.put(Table.DATA, b"k", b"v")
+                return "applied"
+
+            async with h.held():
+                env.faults.append("commit")  # the batch after the gate's is lost
+                task = start(h.store.write(apply, seen.append))
+            with pytest.raises(StorageFull):
+                await task
+            assert seen == ["applied"]  # reported applied, then lost with its batch
+            with h.store.read() as view:
+                assert view.get(Table.DATA, b"k") is None
+
+    run(main())
