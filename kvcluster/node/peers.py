@@ -53,7 +53,10 @@ class _Pending(Generic[I]):
         return self.future is not None and self.future.done()
 
     def deliver(self, results: list[Any]) -> None:
-        self.sink(self.offset, results)
+        try:
+            self.sink(self.offset, results)
+        except Exception:  # a caller's bug must not kill the lane that runs its sink
+            log.exception("a replication result callback failed")
 
 
 class _Lane(Generic[I, R]):

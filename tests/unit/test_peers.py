@@ -197,3 +197,24 @@ def test_cancelled_single_is_not_sent() -> None:
         await lane.close()
 
     asyncio.run(main())
+
+
+def test_a_failing_sink_does_not_stop_the_lane(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        peer = Peer()
+        peer.gate.set()
+        lane: _Lane[int, None] = _Lane("p", peer.send, batch=10, limit=100)
+
+        def broken(offset: int, results: list[Any]) -> None:
+            raise RuntimeError("bug in a caller")
+
+        lane.submit_many([1], 1e9, broken)
+        await settle()
+        after = Sink()
+        lane.submit_many([2], 1e9, after)
+        await settle()
+        assert after.calls == [(0, [None])]
+        await lane.close()
+
+    asyncio.run(main())
+    assert "callback failed" in caplog.text
