@@ -46,7 +46,7 @@ from benchmarks import profiling, report
 from benchmarks.drivers import DriverSpec
 from benchmarks.suite import PhaseHook, run_phases
 from benchmarks.systems import RunningSystem, kvcluster_system, machine_summary, stop_on_sigterm
-from benchmarks.workloads import WORKLOADS, Phase, workload
+from benchmarks.workloads import BATCH_KINDS, WORKLOADS, Phase, workload
 from benchmarks.zipf import DISTRIBUTIONS
 
 LOAD_PHASE = "load"
@@ -147,7 +147,7 @@ def build_phases(args: argparse.Namespace) -> list[Phase]:
             )
         )
     if args.batch:
-        for kind in ("put_many", "get_many"):
+        for kind in BATCH_KINDS:
             phases.append(
                 Phase(
                     name=f"{kind}x{args.batch_size}",

@@ -4,16 +4,20 @@ model and the strict-quorum staleness rule of the set checker."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import random
 import socket
+import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from jepsen_lite.backends import docker, netns
 from jepsen_lite.backends.base import (
     Backend,
     NodeFaults,
@@ -44,6 +48,7 @@ from jepsen_lite.workloads.set_workload import SetWorkload
 
 from kvcluster import Client, ReadResult, errors
 from kvcluster.client.policies import Decision, NodeFailure
+from kvcluster.wire.v1 import admin_pb2
 
 IDS3 = ["n1", "n2", "n3"]
 IDS5 = ["n1", "n2", "n3", "n4", "n5"]
@@ -207,6 +212,40 @@ def test_a_failed_start_removes_what_was_started(tmp_path: Path) -> None:
     assert b.node_ids == []
 
 
+class BootingBackend(FakeBackend):
+    """Each node answers ``Status.ready`` from its ``ready_after``-th poll on."""
+
+    def __init__(self, workdir: Path, ready_after: Mapping[str, int]) -> None:
+        super().__init__(workdir)
+        self.ready_after = dict(ready_after)
+        self.polls: Counter[str] = Counter()
+
+    def status(self, node: str, timeout: float = 2.0) -> admin_pb2.StatusResponse | None:
+        self.polls[node] += 1
+        return admin_pb2.StatusResponse(ready=self.polls[node] >= self.ready_after[node])
+
+
+def test_await_ready_polls_each_node_until_ready(tmp_path: Path) -> None:
+    b = BootingBackend(tmp_path, {"n1": 1, "n2": 3, "n3": 2})
+    b._await_ready(IDS3, timeout=10.0, interval=0.0)
+    assert b.polls == {"n1": 1, "n2": 3, "n3": 2}  # a ready node is not polled again
+
+
+def test_await_ready_fails_at_once_on_an_exited_node_and_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    b = BootingBackend(tmp_path, {"n1": 1, "n2": 10**9, "n3": 10**9})
+
+    def exited(node: str) -> str | None:
+        return "node n2 exited during start" if node == "n2" else None
+
+    with pytest.raises(HarnessError, match="n2 exited during start"):
+        b._await_ready(IDS3, timeout=5.0, exited=exited, interval=0.0)
+    assert b.polls["n2"] == 0  # an exited node is not asked for its status
+    with pytest.raises(HarnessError, match=r"^n2, n3 not ready after 0\.05s$"):
+        b._await_ready(IDS3, timeout=0.05, interval=0.01)
+
+
 def test_partition_is_made_symmetric_and_healed(fake: FakeBackend) -> None:
     fake.set_partition({"n1": ["n2"]})
     assert fake.installed["n1"].blocked == {"n2"}
@@ -316,9 +355,48 @@ def test_replication_splits_n_r_w_off_the_settings_with_kvctl_dev_defaults() -> 
     assert replication({"w": "1"}, 1) == ({}, 1, 1, 1)
 
 
-def test_network_backends_keep_only_latency_and_clock_in_process() -> None:
+def test_network_backends_keep_only_latency_and_clock_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     faults = NodeFaults(frozenset({"n2"}), loss=0.3, delay_ms=(1.0, 2.0), clock_offset_ms=-5)
-    assert faults.latency_and_clock() == NodeFaults(delay_ms=(1.0, 2.0), clock_offset_ms=-5)
+    in_process = NodeFaults(delay_ms=(1.0, 2.0), clock_offset_ms=-5)
+    assert faults.latency_and_clock() == in_process
+    # the netns and docker backends: partitions and loss as iptables rules, the rest in-process
+    commands: list[tuple[str, ...]] = []
+    sent: list[tuple[str, NodeFaults]] = []
+
+    def run(*argv: str, **_: Any) -> subprocess.CompletedProcess[str]:
+        commands.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    def set_faults(address: str, faults: NodeFaults, timeout: float = 3.0) -> None:
+        sent.append((address, faults))
+
+    for module in (netns, docker):
+        monkeypatch.setattr(module, "_run", run)
+        monkeypatch.setattr(module, "set_inprocess_faults", set_faults)
+
+    ns = netns.NetnsBackend(tmp_path)
+    for i, n in enumerate(IDS3, start=1):
+        ip = f"10.77.0.{10 + i}"
+        ns._nodes[n] = netns._Node(n, f"kvj-{n}", ip, f"kvjh{i}", tmp_path, tmp_path, [], {})
+    ns._apply_faults("n1", faults)
+    assert sent == [("10.77.0.11:7500", in_process)]
+    inside = ("ip", "netns", "exec", "kvj-n1", "iptables", "-A")
+    assert (*inside, "KVJ-PART", "-d", "10.77.0.12", "-j", "DROP") in commands
+    assert any(c[: len(inside) + 1] == (*inside, "KVJ-LOSS") and "0.3000" in c for c in commands)
+
+    net = docker.DockerBackend(tmp_path, image="unused")
+    net._ips = {n: f"10.78.0.{10 + i}" for i, n in enumerate(IDS3, start=1)}
+    net._subnet = ipaddress.IPv4Network("10.78.0.0/24")
+    commands.clear()
+    net._apply_faults("n1", faults)  # host iptables usable
+    chain = ("iptables", "-A", net._node_chain("n1"))
+    assert (*chain, "-s", "10.78.0.11", "-d", "10.78.0.12", "-j", "DROP") in commands
+    assert any(c[:3] == chain and "0.3000" in c for c in commands)
+    net.inprocess_reason = "not root"  # no host iptables: every fault is in-process
+    net._apply_faults("n1", faults)
+    assert sent[1:] == [("10.78.0.11:7101", in_process), ("10.78.0.11:7101", faults)]
 
 
 def test_an_unreachable_node_cannot_get_faults_and_says_so() -> None:

@@ -119,13 +119,19 @@ def get_request(key: Bytes, r: Quorum, strict: bool, timeout: float) -> kv_pb2.G
 def put_request(
     key: Bytes, value: Bytes, context: bytes | None, w: Quorum, strict: bool, timeout: float
 ) -> kv_pb2.PutRequest:
+    return _put_request(key, value, context, quorum(w, "w"), strict, timeout_ms(timeout))
+
+
+def _put_request(
+    key: Bytes, value: Bytes, context: bytes | None, w: kv_pb2.Quorum, strict: bool, ms: int
+) -> kv_pb2.PutRequest:
     return kv_pb2.PutRequest(
         key=check_key(key),
         value=to_bytes(value, "value"),
         context=context or b"",
-        w=quorum(w, "w"),
+        w=w,
         strict=strict,
-        timeout_ms=timeout_ms(timeout),
+        timeout_ms=ms,
     )
 
 
@@ -136,7 +142,7 @@ def put_requests(
     items: Iterable[PutItem], w: Quorum, strict: bool, timeout: float
 ) -> list[kv_pb2.PutRequest]:
     """Requests for a batch of ``(key, value)`` or ``(key, value, context)`` items."""
-    wq = quorum(w, "w")
+    wq = quorum(w, "w")  # once per batch, not per item
     ms = timeout_ms(timeout)
     reqs = []
     for item in items:
@@ -145,16 +151,7 @@ def put_requests(
                 "batch items are (key, value) or (key, value, context)", "items"
             )
         key, value, *rest = item
-        reqs.append(
-            kv_pb2.PutRequest(
-                key=check_key(key),
-                value=to_bytes(value, "value"),
-                context=(rest[0] if rest else None) or b"",
-                w=wq,
-                strict=strict,
-                timeout_ms=ms,
-            )
-        )
+        reqs.append(_put_request(key, value, rest[0] if rest else None, wq, strict, ms))
     return reqs
 
 
@@ -383,12 +380,10 @@ def group_by_coordinator(router: Router, reqs: Sequence[Any]) -> dict[str, list[
         for i in left:
             for a in choices[i]:
                 counts[a] = counts.get(a, 0) + 1
-        candidates = sorted(counts)
-        # the most items first; among equals, the next node in turn
-        best = max(
-            candidates,
-            key=lambda a: (counts[a], -((candidates.index(a) - turn) % len(candidates))),
-        )
+        # the most items first; among equals, the next node in turn (max keeps the first)
+        nodes = sorted(counts)
+        start = turn % len(nodes)
+        best = max(nodes[start:] + nodes[:start], key=counts.__getitem__)
         groups[best] = [i for i in left if best in choices[i]]
         left = [i for i in left if best not in choices[i]]
     return groups

@@ -95,8 +95,8 @@ class Entry(Generic[V]):
     counter: int
     values: tuple[V, ...] = ()
 
-    # kvcluster.core.record.decode_record makes these checks itself and builds
-    # entries without __post_init__: keep the two in step.
+    # unchecked_entry skips these checks; its callers (new_with_context,
+    # kvcluster.core.record.decode_record) make them: keep them in step.
     def __post_init__(self) -> None:
         if self.counter < 0:
             raise ValueError(f"negative counter {self.counter} for actor {self.actor!r}")
@@ -115,9 +115,8 @@ class Clock(Generic[V]):
     entries: tuple[Entry[V], ...] = ()
     anonymous: tuple[V, ...] = ()
 
-    # kvcluster.core.record.decode_record checks the entry order itself and
-    # builds clocks without __post_init__ (unless they have anonymous values):
-    # keep the two in step.
+    # unchecked_clock skips these checks; its callers (new_with_context,
+    # kvcluster.core.record.decode_record) make them: keep them in step.
     def __post_init__(self) -> None:
         entries = self.entries
         for i in range(1, len(entries)):

@@ -20,7 +20,6 @@ Context bytes (opaque to clients): ``b""`` for no context, else
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -74,21 +73,14 @@ class Sibling:
 
 Record: TypeAlias = Clock[Sibling]
 
-# decode_record builds records without running __init__ and __post_init__:
-# object.__new__, then the slot descriptors' setters (which bypass the frozen
-# __setattr__), after checking the invariants those would check.
+# decode_record builds siblings without running __init__ and __post_init__
+# (as dvvset.unchecked_entry does entries): object.__new__, then the slot
+# descriptors' setters (which bypass the frozen __setattr__), after checking the
+# invariants those would check.
 _new = object.__new__
-
-
-def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
-    """The setter of the slot ``name`` of ``cls`` (a slots dataclass field)."""
-    setter: Callable[[object, object], None] = cls.__dict__[name].__set__
-    return setter
-
-
-_set_timestamp = _slot_setter(Sibling, "timestamp_ms")
-_set_deleted = _slot_setter(Sibling, "deleted")
-_set_data = _slot_setter(Sibling, "data")
+_set_timestamp = Sibling.__dict__["timestamp_ms"].__set__
+_set_deleted = Sibling.__dict__["deleted"].__set__
+_set_data = Sibling.__dict__["data"].__set__
 _BAD_SIBLING = "sibling must be [timestamp_ms (int), deleted (bool), data (bin)]"
 
 
@@ -157,7 +149,8 @@ def decode_record(data: bytes) -> Record:
     node only ever stores those."""
     # Every replicated write decodes records, so this is one flat loop: it
     # checks the invariants of Sibling, Entry and Clock itself and then builds
-    # them without __init__/__post_init__ (_new and the slot setters). A check
+    # them without __init__/__post_init__ (the slot setters, unchecked_entry,
+    # unchecked_clock). A check
     # that fails calls the checked code (_tuple, the constructors), which
     # raises the same error, with the same message, as the plain decoder would.
     if data[:1] != _RECORD_PREFIX:

@@ -135,6 +135,12 @@ class _Write:
     tally: Tally  # this node's copy counts once durable
     decided: bool = False
 
+    def settle(self, batch: _Batch, acknowledged: bool = False) -> None:
+        """Mark the write decided (once) when its tally is, or when ``acknowledged``."""
+        if not self.decided and (acknowledged or self.tally.outcome is not Outcome.PENDING):
+            self.decided = True
+            batch.done_one()
+
 
 class _Batch:
     """Counts the undecided requests of a batch; :meth:`wait` returns when none is left."""
@@ -479,20 +485,17 @@ class Coordinator:
         same: its own write is one of the W, not a step before them).
         """
         batch = _Batch(loop)
-        ops: list[_Write | None] = [None] * len(local)  # per event, once replicated
+        ops: list[_Write | None] = [None] * len(local)  # per event, once applied here
         unsafe = self.settings.unsafe_ack_before_w
-        started = False
 
         def replicate(applied: list[Coordinated | errors.KVError]) -> None:
-            nonlocal started
-            started = True
             # per peer: the items to send it, and the write and target of each
             sends: dict[NodeId, tuple[list[WriteItem], list[tuple[_Write, Target]]]] = {}
             for k, ((_, place, required, deadline), outcome) in enumerate(
                 zip(local, applied, strict=True)
             ):
                 if isinstance(outcome, errors.KVError):
-                    continue  # not applied: the error comes back with the durable outcome
+                    continue  # not applied: the same error comes back as its outcome
                 record, clock, base = outcome
                 result = WriteResult(encode_context(dvvset.join(clock)), live_values(clock))
                 tally = Tally(required, [t.node for t in place.targets])
@@ -515,36 +518,28 @@ class Coordinator:
         outcomes = await self.replica.coordinate_many(
             events, self.clock.wall_ms(), lww=self.settings.unsafe_lww, on_applied=replicate
         )
-        if not started:  # nothing was applied (the storage refused the write)
-            replicate(outcomes)
-        local_ok: list[bool] = []
-        for op, (i, *_), outcome in zip(ops, local, outcomes, strict=True):
-            durable = not isinstance(outcome, errors.KVError)
-            local_ok.append(durable)
-            if op is None:  # never applied, so never durable either
-                results[i] = (
-                    outcome
-                    if isinstance(outcome, errors.KVError)
-                    else errors.Internal("a write became durable without being applied")
-                )
+        for op, outcome in zip(ops, outcomes, strict=True):
+            if op is None:
                 continue
+            durable = not isinstance(outcome, errors.KVError)
             if durable:
                 op.tally.ok(self.node_id)
             else:  # applied, then lost with its batch: the peers' copies decide
                 op.tally.failed(self.node_id)
-            if op.decided:
-                continue
-            if op.tally.outcome is not Outcome.PENDING or (unsafe and durable):
-                op.decided = True  # unsafe: deliberately acknowledged with one copy
-                batch.done_one()
-        waiting = [op for op in ops if op is not None]
+            op.settle(batch, acknowledged=unsafe and durable)  # unsafe: one copy is enough
+        waiting = [op.deadline for op in ops if op is not None]
         if waiting:
-            await batch.wait(max(op.deadline for op in waiting))
-        for op, (i, *_), durable in zip(ops, local, local_ok, strict=True):
-            if op is None:
-                continue
-            ok = op.tally.outcome is Outcome.WON or (unsafe and durable)
-            results[i] = op.result if ok else errors.Timeout(op.tally.required, op.tally.acks)
+            await batch.wait(max(waiting))
+        for op, (i, *_), outcome in zip(ops, local, outcomes, strict=True):
+            durable = not isinstance(outcome, errors.KVError)
+            if isinstance(outcome, errors.KVError) and op is None:  # never applied
+                results[i] = outcome
+            elif op is None:  # applied ones were all replicated: unreachable
+                raise AssertionError("a write became durable without being applied")
+            elif op.tally.outcome is Outcome.WON or (unsafe and durable):
+                results[i] = op.result
+            else:
+                results[i] = errors.Timeout(op.tally.required, op.tally.acks)
 
     def _replicated(
         self,
@@ -561,9 +556,7 @@ class Coordinator:
             else:
                 op.tally.failed(target.node)
                 self._missed(target.hint_for or target.node, op.place.pkey)
-            if not op.decided and op.tally.outcome is not Outcome.PENDING:
-                op.decided = True
-                batch.done_one()
+            op.settle(batch)
 
     def _missed(self, owner: NodeId, pkey_: bytes) -> None:
         """Remember that ``owner`` did not take a write: it becomes a hint here."""

@@ -131,9 +131,12 @@ class LocalReplica:
             self.hints_dropped += len(event.hint_for) - len(hinted)
             prepared.append((event, new, hinted))
 
-        def apply(view: WriteView) -> list[tuple[Coordinated, list[int]] | errors.KVError]:
-            out: list[tuple[Coordinated, list[int]] | errors.KVError] = []
-            for event, new, hinted in prepared:
+        # per event, the new hints each target got (set by apply, read once durable)
+        hints_added: list[list[int]] = [[] for _ in prepared]
+
+        def apply(view: WriteView) -> list[Coordinated | errors.KVError]:
+            out: list[Coordinated | errors.KVError] = []
+            for k, (event, new, hinted) in enumerate(prepared):
                 pkey = event.pkey
                 raw = view.get(Table.DATA, pkey)
                 current = None if raw is None else store.stored_record(raw)
@@ -149,32 +152,20 @@ class LocalReplica:
                 record = encode_record(updated)
                 old_leaf = store.leaf_of(pkey, current)
                 store.replace_record(view, pkey, raw, record, epoch, old_leaf)
-                added = [_put_hint(view, target, pkey, now_ms) for target in hinted]
+                hints_added[k] = [_put_hint(view, target, pkey, now_ms) for target in hinted]
                 # update_with's result descends from `local`; lww's need not (unsafe mode)
                 base = None if lww else _base(old_leaf)
-                out.append((Coordinated(record, updated, base), added))
+                out.append(Coordinated(record, updated, base))
             return out
 
-        applied = None
-        if on_applied is not None:
-            notify = on_applied
-
-            def applied(results: list[tuple[Coordinated, list[int]] | errors.KVError]) -> None:
-                notify([r if isinstance(r, errors.KVError) else r[0] for r in results])
-
         try:
-            results = await self.storage.write(apply, applied)
+            outcomes = await self.storage.write(apply, on_applied)
         except errors.KVError as exc:
             return [exc] * len(events)
-        outcomes: list[Coordinated | errors.KVError] = []
-        for (_, _, hinted), result in zip(prepared, results, strict=True):
-            if isinstance(result, errors.KVError):
-                outcomes.append(result)
-                continue
-            coordinated, added = result
-            for target, count in zip(hinted, added, strict=True):
-                self.hint_counts[target] = self.hint_counts.get(target, 0) + count
-            outcomes.append(coordinated)
+        for (_, _, hinted), outcome, added in zip(prepared, outcomes, hints_added, strict=True):
+            if not isinstance(outcome, errors.KVError):
+                for target, count in zip(hinted, added, strict=True):
+                    self.hint_counts[target] = self.hint_counts.get(target, 0) + count
         return outcomes
 
     async def merge(self, items: Sequence[WriteItem], now_ms: int) -> list[str | None]:

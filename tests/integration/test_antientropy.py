@@ -42,7 +42,7 @@ WIPE_PORT = 7800  # 7800-7802
 DELETE_PORT = 7810  # 7810-7812
 STATUS_PORT = 7820  # 7820-7822
 FOREIGN_PORT = 7825  # 7825-7827
-AAE_ONLY = {"aae_interval": 0, "hint_max_per_target": 0, "metrics_listen": "off"}
+AAE_ONLY = {"aae_interval": 0, "hint_max_per_target": 0}
 BATCH = 500  # items per put_many / get_many (the node's limit is 1000)
 
 

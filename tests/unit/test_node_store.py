@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -27,7 +27,7 @@ from kvcluster.core.record import Sibling, decode_record, live, tombstone
 from kvcluster.net.messages import WriteItem
 from kvcluster.node import store
 from kvcluster.node.replica import Event, HintLimits, LocalReplica
-from kvcluster.storage.base import ReadView, Table, WriteView
+from kvcluster.storage.base import ReadView, Storage, Table, WriteView
 from kvcluster.storage.memory import MemoryStorage
 
 T = TypeVar("T")
@@ -61,7 +61,7 @@ def segment_table(view: ReadView) -> dict[bytes, bytes]:
     return dict(view.scan(Table.MERKLE))
 
 
-def assert_tree_matches_data(storage: MemoryStorage, partitions: Sequence[int]) -> None:
+def assert_tree_matches_data(storage: Storage, partitions: Sequence[int]) -> None:
     """Incremental segments == rebuild, and the table stores exactly the non-zero ones."""
     with storage.read() as view:
         for p in partitions:
@@ -305,6 +305,13 @@ def record_of(replica: LocalReplica, pkey: bytes) -> dvvset.Clock[Sibling] | Non
     return None if raw is None else decode_record(raw)
 
 
+def sibling_data(replica: LocalReplica, pkey: bytes) -> list[bytes]:
+    """The data of every sibling ``replica`` holds for ``pkey`` (which it must hold), sorted."""
+    rec = record_of(replica, pkey)
+    assert rec is not None
+    return sorted(s.data for s in dvvset.values(rec))
+
+
 # (kind, replica index, key index, payload)
 #   coordinate: payload 0/1 = with / without the replica's current context
 #   merge: copy replica i's record of the key into the other replica
@@ -431,9 +438,7 @@ def test_a_new_actor_after_local_removal_keeps_both_versions_on_a_peer() -> None
     raw = mine.read(key)
     assert raw is not None
     assert run(peer.merge([WriteItem(key, raw, None)], 1)) == [None]
-    merged = record_of(peer, key)
-    assert merged is not None
-    assert sorted(s.data for s in dvvset.values(merged)) == [b"first", b"second"]
+    assert sibling_data(peer, key) == [b"first", b"second"]
 
 
 # -- replicating a coordinated write: the base shortcut -------------------------------------
@@ -449,6 +454,16 @@ def coordinated(replica: LocalReplica, pkey: bytes, value: bytes, lww: bool = Fa
     return WriteItem(pkey, outcome.record, None, outcome.base)
 
 
+def peer_holding_a_first_write(key: bytes) -> tuple[LocalReplica, WriteItem, WriteItem]:
+    """A coordinator's first two writes of ``key`` (the second made from the copy the
+    first left, so its base names it), and a peer that has stored only the first."""
+    coordinator, peer = new_replica(MemoryStorage(), "c"), new_replica(MemoryStorage(), "p")
+    first = coordinated(coordinator, key, b"v1")
+    assert run(peer.merge([first], 1)) == [None]
+    second = coordinated(coordinator, key, b"v2")
+    return peer, first, second
+
+
 def test_a_coordinated_write_names_the_copy_it_was_applied_to() -> None:
     replica = new_replica(MemoryStorage(), "inc")
     key = PKEYS[0]
@@ -462,11 +477,8 @@ def test_a_coordinated_write_names_the_copy_it_was_applied_to() -> None:
 def test_a_replica_holding_the_base_stores_the_record_as_is_without_a_sync(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    coordinator, peer = new_replica(MemoryStorage(), "c"), new_replica(MemoryStorage(), "p")
     key = PKEYS[0]
-    first = coordinated(coordinator, key, b"v1")
-    assert run(peer.merge([first], 1)) == [None]
-    second = coordinated(coordinator, key, b"v2")
+    peer, _, second = peer_holding_a_first_write(key)
 
     def no_sync(*_: object) -> None:
         raise AssertionError("the base matched: no sync needed")
@@ -474,22 +486,17 @@ def test_a_replica_holding_the_base_stores_the_record_as_is_without_a_sync(
     monkeypatch.setattr(dvvset, "sync", no_sync)
     assert run(peer.merge([second], 1)) == [None]
     assert peer.read(key) == second.record
-    assert_tree_matches_data(cast(MemoryStorage, peer.storage), [PARTITIONS[0]])
+    assert_tree_matches_data(peer.storage, [PARTITIONS[0]])
 
 
 def test_a_replica_whose_copy_differs_from_the_base_merges_and_keeps_its_sibling() -> None:
     """The shortcut must never drop a version the coordinator did not see."""
-    coordinator, peer = new_replica(MemoryStorage(), "c"), new_replica(MemoryStorage(), "p")
     key = PKEYS[0]
-    first = coordinated(coordinator, key, b"v1")
-    assert run(peer.merge([first], 1)) == [None]
+    peer, _, second = peer_holding_a_first_write(key)  # second supersedes v1 only
     coordinate(peer, key, b"concurrent")  # a write the coordinator never saw
-    second = coordinated(coordinator, key, b"v2")  # supersedes v1 only
     assert run(peer.merge([second], 1)) == [None]
-    merged = record_of(peer, key)
-    assert merged is not None
-    assert sorted(s.data for s in dvvset.values(merged)) == [b"concurrent", b"v2"]
-    assert_tree_matches_data(cast(MemoryStorage, peer.storage), [PARTITIONS[0]])
+    assert sibling_data(peer, key) == [b"concurrent", b"v2"]
+    assert_tree_matches_data(peer.storage, [PARTITIONS[0]])
 
 
 def test_a_new_key_with_an_empty_base_is_stored_as_is_only_where_it_is_new() -> None:
@@ -499,20 +506,15 @@ def test_a_new_key_with_an_empty_base_is_stored_as_is_only_where_it_is_new() -> 
     item = coordinated(coordinator, key, b"coordinator")
     assert item.base == b""
     assert run(peer.merge([item], 1)) == [None]
-    merged = record_of(peer, key)
-    assert merged is not None
-    assert sorted(s.data for s in dvvset.values(merged)) == [b"coordinator", b"peer only"]
+    assert sibling_data(peer, key) == [b"coordinator", b"peer only"]
     fresh = new_replica(MemoryStorage(), "f")
     assert run(fresh.merge([item], 1)) == [None]
     assert fresh.read(key) == item.record
 
 
 def test_a_corrupt_record_is_refused_even_when_the_base_matches() -> None:
-    coordinator, peer = new_replica(MemoryStorage(), "c"), new_replica(MemoryStorage(), "p")
     key = PKEYS[0]
-    first = coordinated(coordinator, key, b"v1")
-    assert run(peer.merge([first], 1)) == [None]
-    second = coordinated(coordinator, key, b"v2")
+    peer, first, second = peer_holding_a_first_write(key)
     bad = WriteItem(key, b"\x01\xc1garbage", None, second.base)
     [error] = run(peer.merge([bad], 1))
     assert error is not None and "corrupt" in error

@@ -22,6 +22,10 @@ class Peer:
         self.fail_items: set[int] = set()
         self.raise_exc: Exception | None = None
 
+    def lane(self, batch: int, limit: int) -> _Lane[int, None]:
+        """A lane to this peer."""
+        return _Lane("p", self.send, batch=batch, limit=limit)
+
     async def send(self, items: list[int], timeout: float) -> list[Any]:
         self.messages.append(list(items))
         await self.gate.wait()
@@ -56,7 +60,7 @@ def test_a_long_run_is_sent_in_batches_and_answered_per_run() -> None:
     async def main() -> None:
         peer = Peer()
         peer.fail_items = {7, 300}
-        lane: _Lane[int, None] = _Lane("p", peer.send, batch=256, limit=10_000)
+        lane = peer.lane(batch=256, limit=10_000)
         sink = Sink()
         lane.submit_many(list(range(600)), deadline=1e9, sink=sink)
         assert len(lane) == 600
@@ -78,7 +82,7 @@ def test_a_long_run_is_sent_in_batches_and_answered_per_run() -> None:
 def test_queued_runs_share_a_message_but_are_never_split() -> None:
     async def main() -> None:
         peer = Peer()
-        lane: _Lane[int, None] = _Lane("p", peer.send, batch=10, limit=1000)
+        lane = peer.lane(batch=10, limit=1000)
         first = Sink()
         lane.submit_many([0], 1e9, first)  # goes out alone: the sender starts at once
         await settle()
@@ -101,7 +105,7 @@ def test_expired_items_are_failed_unsent() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         peer = Peer()
-        lane: _Lane[int, None] = _Lane("p", peer.send, batch=10, limit=100)
+        lane = peer.lane(batch=10, limit=100)
         lane.submit_many([0], 1e9, Sink())  # occupies the sender
         await settle()
         late = Sink()
@@ -120,7 +124,7 @@ def test_expired_items_are_failed_unsent() -> None:
 def test_a_full_queue_refuses_a_run_whole() -> None:
     async def main() -> None:
         peer = Peer()
-        lane: _Lane[int, None] = _Lane("p", peer.send, batch=100, limit=10)
+        lane = peer.lane(batch=100, limit=10)
         lane.submit_many(list(range(8)), 1e9, Sink())
         await settle()  # sent, awaiting the reply; queue empty again
         lane.submit_many(list(range(8)), 1e9, Sink())
@@ -133,7 +137,7 @@ def test_a_full_queue_refuses_a_run_whole() -> None:
         assert len(lane) == 10
         await lane.close()
         # an empty queue takes a run larger than the limit (it could never go otherwise)
-        big = _Lane[int, None]("q", peer.send, batch=100, limit=10)
+        big = peer.lane(batch=100, limit=10)
         big.submit_many(list(range(50)), 1e9, Sink())
         assert len(big) == 50
         await big.close()
@@ -145,7 +149,7 @@ def test_a_failed_send_fails_every_item_and_the_lane_goes_on() -> None:
     async def main() -> None:
         peer = Peer()
         peer.raise_exc = TransportError("p", "connection reset")
-        lane: _Lane[int, None] = _Lane("p", peer.send, batch=10, limit=100)
+        lane = peer.lane(batch=10, limit=100)
         sink = Sink()
         lane.submit_many([1, 2, 3], 1e9, sink)
         peer.gate.set()
@@ -163,7 +167,7 @@ def test_a_failed_send_fails_every_item_and_the_lane_goes_on() -> None:
 def test_close_fails_what_is_queued_and_skips_cancelled_singles() -> None:
     async def main() -> None:
         peer = Peer()
-        lane: _Lane[int, None] = _Lane("p", peer.send, batch=1, limit=100)
+        lane = peer.lane(batch=1, limit=100)
         lane.submit_many([0], 1e9, Sink())
         await settle()
         queued = Sink()
@@ -184,7 +188,7 @@ def test_close_fails_what_is_queued_and_skips_cancelled_singles() -> None:
 def test_cancelled_single_is_not_sent() -> None:
     async def main() -> None:
         peer = Peer()
-        lane: _Lane[int, None] = _Lane("p", peer.send, batch=10, limit=100)
+        lane = peer.lane(batch=10, limit=100)
         lane.submit(0, 1e9)
         await settle()
         gone = lane.submit(1, 1e9)
@@ -203,7 +207,7 @@ def test_a_failing_sink_does_not_stop_the_lane(caplog: pytest.LogCaptureFixture)
     async def main() -> None:
         peer = Peer()
         peer.gate.set()
-        lane: _Lane[int, None] = _Lane("p", peer.send, batch=10, limit=100)
+        lane = peer.lane(batch=10, limit=100)
 
         def broken(offset: int, results: list[Any]) -> None:
             raise RuntimeError("bug in a caller")

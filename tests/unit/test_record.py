@@ -24,32 +24,9 @@ from kvcluster.core.record import (
     tombstone,
 )
 from kvcluster.errors import InvalidArgument
+from tests.strategies import actors, records
 
 # -- strategies -------------------------------------------------------------------------
-
-actors = st.text(st.characters(codec="utf-8"), max_size=12)
-timestamps = st.integers(-(2**63), 2**64 - 1)
-siblings = st.one_of(
-    st.builds(live, st.binary(max_size=40), timestamps),
-    st.builds(tombstone, timestamps),
-)
-
-
-@st.composite
-def entries(draw: st.DrawFn, actor: str) -> Entry[Sibling]:
-    vals = draw(st.lists(siblings, max_size=3))
-    counter = len(vals) + draw(st.integers(0, 2**40))
-    return Entry(actor, counter, tuple(vals))
-
-
-@st.composite
-def records(draw: st.DrawFn) -> Record:
-    names = sorted(draw(st.sets(actors, max_size=4)))
-    return Clock(
-        tuple(draw(entries(name)) for name in names),
-        tuple(sorted(draw(st.sets(siblings, max_size=2)))),
-    )
-
 
 vectors = st.dictionaries(actors, st.integers(0, 2**64 - 1), max_size=5).map(
     lambda d: tuple(sorted(d.items()))

@@ -31,6 +31,7 @@ from kvcluster.core.record import (
     live,
     tombstone,
 )
+from tests.strategies import records as any_records
 
 # -- the reference: decode_record as it was before the fast path ------------------------
 
@@ -131,30 +132,12 @@ def raw_body(rec: Record) -> list[Any]:
 
 # -- strategies -------------------------------------------------------------------------
 
-actors = st.text(st.characters(codec="utf-8"), max_size=6)
-timestamps = st.integers(-(2**63), 2**64 - 1)
-data_values = st.one_of(
-    st.binary(max_size=24),
-    # past decode_record's _COPY_LIMIT, where it unpacks a memoryview
-    st.integers(4000, 5000).map(lambda n: b"y" * n),
-)
-siblings = st.one_of(st.builds(live, data_values, timestamps), st.builds(tombstone, timestamps))
+#: record data: short, and past decode_record's _COPY_LIMIT (where it unpacks a memoryview)
+data_values = st.one_of(st.binary(max_size=24), st.integers(4000, 5000).map(lambda n: b"y" * n))
 
 
-@st.composite
-def entries(draw: st.DrawFn, actor: str) -> Entry[Sibling]:
-    vals = draw(st.lists(siblings, max_size=4))
-    counter = len(vals) + draw(st.integers(0, 2**64 - 1 - len(vals)))
-    return Entry(actor, counter, tuple(vals))
-
-
-@st.composite
-def records(draw: st.DrawFn) -> Record:
-    names = sorted(draw(st.sets(actors, max_size=5)))
-    return Clock(
-        tuple(draw(entries(name)) for name in names),
-        tuple(sorted(draw(st.sets(siblings, max_size=3)))),
-    )
+def records() -> st.SearchStrategy[Record]:
+    return any_records(data_values, max_counter=2**64 - 1)
 
 
 msgpack_values = st.recursive(

@@ -65,7 +65,7 @@ class Harness:
         max_batch: int = 1024,
         map_size: int = 64 << 20,
         capacity: int | None = None,
-        commit_window: float = 0.002,
+        commit_window: float = lmdb_store.DEFAULT_COMMIT_WINDOW,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.kind = kind
@@ -1201,28 +1201,32 @@ def test_memory_reopen_retires_the_old_store() -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_on_applied_gets_the_result_before_the_write_returns(kind: str, tmp_path: Path) -> None:
+def test_on_applied_gets_the_result_on_the_callers_loop_before_the_write_returns(
+    kind: str, tmp_path: Path
+) -> None:
     async def main() -> None:
+        caller = threading.current_thread()  # the event loop's (not LMDB's writer thread)
         async with harness(kind, tmp_path) as h:
-            seen: list[tuple[str, bool]] = []
+            seen: list[tuple[str, bool, bool]] = []
 
             def apply(view: WriteView) -> str:
                 view.put(Table.DATA, b"k", b"v")
                 return "value"
 
-            task: asyncio.Task[str] = start(
-                h.store.write(apply, lambda result: seen.append((result, task.done())))
-            )
+            def applied(result: str) -> None:
+                seen.append((result, task.done(), threading.current_thread() is caller))
+
+            task: asyncio.Task[str] = start(h.store.write(apply, applied))
             assert await task == "value"
-            assert seen == [("value", False)]
+            assert seen == [("value", False, True)]
 
             def failing(view: WriteView) -> None:
                 view.put(Table.DATA, b"other", b"x")
                 raise Boom()
 
             with pytest.raises(Boom):
-                await h.store.write(failing, lambda result: seen.append(("failing", False)))
-            assert seen == [("value", False)]  # a function that failed was never applied
+                await h.store.write(failing, lambda result: seen.append(("failing", False, True)))
+            assert seen == [("value", False, True)]  # a function that failed was never applied
 
     run(main())
 
