@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 METRIC = "kvcluster_request_seconds"
+WRITES = "kvcluster_storage_writes_total"
+COMMITS = "kvcluster_storage_commits_total"
 _LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -103,3 +105,17 @@ def latency_delta(before: list[Samples], after: list[Samples]) -> dict[str, Any]
             "p99_ms": None if p99 is None else round(1000 * p99, 3),
         }
     return out
+
+
+def storage_delta(before: list[Samples], after: list[Samples]) -> dict[str, Any]:
+    """Store writes and synced commits on all nodes between two scrapes, and the
+    writes per commit (how much group commit gathered)."""
+    writes = commits = 0.0
+    for b, a in zip(before, after, strict=True):
+        writes += a.get((WRITES, ()), 0.0) - b.get((WRITES, ()), 0.0)
+        commits += a.get((COMMITS, ()), 0.0) - b.get((COMMITS, ()), 0.0)
+    return {
+        "writes": int(writes),
+        "commits": int(commits),
+        "writes_per_commit": round(writes / commits, 2) if commits > 0 else None,
+    }

@@ -50,6 +50,9 @@ def one_line(result: dict[str, Any]) -> str:
     cpu_text = f"  server CPU {cpu:.2f} ms/call" if cpu is not None else ""
     for op, s in (result.get("server_latency") or {}).items():
         cpu_text += f"  [dim]coord {op} p50 {_fmt(s['p50_ms'])} mean {_fmt(s['mean_ms'])}[/]"
+    storage = result.get("storage") or {}
+    if storage.get("writes_per_commit") is not None:
+        cpu_text += f"  [dim]{storage['writes_per_commit']} writes/commit[/]"
     return (
         f"  {result.get('system', '')} {result['name']}: {_fmt(rate(result))} {unit}  "
         f"p50 {_fmt(a['p50_ms'])} p99 {_fmt(a['p99_ms'])} p999 {_fmt(a['p999_ms'])} ms"

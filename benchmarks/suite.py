@@ -61,9 +61,9 @@ def run_phases(
             merged = merge_phase(phase, shares)
             merged["system"] = system.name
             if scraped:
-                merged["server_latency"] = promscrape.latency_delta(
-                    scraped, promscrape.scrape(system.metrics)
-                )
+                rescraped = promscrape.scrape(system.metrics)
+                merged["server_latency"] = promscrape.latency_delta(scraped, rescraped)
+                merged["storage"] = promscrape.storage_delta(scraped, rescraped)
             merged.update(cpu)
             calls = merged["all_calls"]
             server = cpu["server_cpu_s"]

@@ -124,6 +124,7 @@ class Node:
         )
         if metrics is not None:
             metrics.on_scrape(self._refresh_metrics)
+            metrics.watch_storage(storage.stats)
 
     def _incarnation(self) -> str:
         """This store's random incarnation (created with the store, never reused)."""

@@ -336,10 +336,10 @@ def _metrics(port: int) -> str:
 def _sample(text: str, name: str, **labels: str) -> float:
     """The value of the sample ``name{labels}`` (labels in any order), 0 if absent."""
     for line in text.splitlines():
-        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        m = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
         if not m:
             continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
         if all(found.get(k) == v for k, v in labels.items()):
             return float(m.group(2))
     return 0.0
@@ -348,6 +348,8 @@ def _sample(text: str, name: str, **labels: str) -> float:
 def test_metrics_endpoint_counts_requests(ops_node: Cluster) -> None:
     before = _metrics(OPS_METRICS_PORT)
     assert "kvcluster_requests_total" in before
+    writes = _sample(before, "kvcluster_storage_writes_total")
+    commits = _sample(before, "kvcluster_storage_commits_total")
     puts = _sample(before, "kvcluster_requests_total", op="put", outcome="ok")
     bad = _sample(before, "kvcluster_requests_total", op="get", outcome="invalid_argument")
     with ops_node.client() as kv:
@@ -362,3 +364,8 @@ def test_metrics_endpoint_counts_requests(ops_node: Cluster) -> None:
     )
     assert "kvcluster_request_seconds" in after
     assert "# TYPE kvcluster_hints_pending gauge" in after
+    # each acknowledged put is a synced store write (one node: one copy each), and
+    # the second put starts after the first is acknowledged: two commits at least
+    assert _sample(after, "kvcluster_storage_writes_total") >= writes + 2
+    assert _sample(after, "kvcluster_storage_commits_total") >= commits + 2
+    assert _sample(after, "kvcluster_storage_bytes") > 0

@@ -204,3 +204,24 @@ def test_server_latency_from_two_scrapes() -> None:
     assert delta["put"]["mean_ms"] == pytest.approx(3.0)
     assert delta["put"]["p50_ms"] == pytest.approx(1.0)
     assert delta["put"]["p99_ms"] == pytest.approx(1.0 + 9.0 * 49 / 50)
+
+
+def test_writes_per_commit_from_two_scrapes() -> None:
+    from benchmarks.promscrape import parse, storage_delta
+
+    def text(writes: int, commits: int) -> str:
+        return (
+            "# TYPE kvcluster_storage_writes counter\n"
+            f"kvcluster_storage_writes_total {writes}.0\n"
+            f"kvcluster_storage_commits_total {commits}.0\n"
+        )
+
+    before = [parse(text(100, 40)), parse(text(7, 7))]
+    after = [parse(text(400, 100)), parse(text(107, 47))]  # 400 writes in 100 commits
+    assert storage_delta(before, after) == {
+        "writes": 400,
+        "commits": 100,
+        "writes_per_commit": 4.0,
+    }
+    # a node that does not answer (empty scrape) adds nothing
+    assert storage_delta([{}], [{}])["writes_per_commit"] is None
