@@ -221,8 +221,9 @@ def update_with(new_clock: Clock[V], local: Clock[V], actor: Actor) -> Clock[V]:
     Anonymous values of the sync remain (Riak's ``update/3``).
     """
     value = _single_anonymous(new_clock)
-    synced = sync(Clock(new_clock.entries, ()), local)
-    return Clock(_event(synced.entries, actor, value), synced.anonymous)
+    # new_clock's entries, sync and _event all keep the canonical order: unchecked
+    synced = sync(unchecked_clock(new_clock.entries), local)
+    return unchecked_clock(_event(synced.entries, actor, value), synced.anonymous)
 
 
 def _single_anonymous(clock: Clock[V]) -> V:
@@ -235,13 +236,14 @@ def _single_anonymous(clock: Clock[V]) -> V:
 
 def _event(entries: tuple[Entry[V], ...], actor: Actor, value: V) -> tuple[Entry[V], ...]:
     """``entries`` with ``value`` recorded as the next dot of ``actor``."""
+    # len(values) <= counter holds for ``entry``, so also with one more of each
     for i, entry in enumerate(entries):
         if entry.actor == actor:
-            bumped = Entry(actor, entry.counter + 1, (value, *entry.values))
+            bumped = unchecked_entry(actor, entry.counter + 1, (value, *entry.values))
             return (*entries[:i], bumped, *entries[i + 1 :])
         if actor < entry.actor:
-            return (*entries[:i], Entry(actor, 1, (value,)), *entries[i:])
-    return (*entries, Entry(actor, 1, (value,)))
+            return (*entries[:i], unchecked_entry(actor, 1, (value,)), *entries[i:])
+    return (*entries, unchecked_entry(actor, 1, (value,)))
 
 
 # -- merging --------------------------------------------------------------------------
@@ -265,7 +267,8 @@ def sync(a: Clock[V], b: Clock[V]) -> Clock[V]:
             anonymous = tuple(sorted({*a.anonymous, *b.anonymous}))
     else:
         anonymous = ()
-    return Clock(_sync_entries(a.entries, b.entries), anonymous)
+    # a sorted merge of canonical entries, and canonical anonymous values
+    return unchecked_clock(_sync_entries(a.entries, b.entries), anonymous)
 
 
 def sync_all(clocks: Iterable[Clock[V]]) -> Clock[V]:
@@ -311,10 +314,10 @@ def _merge_entry(x: Entry[V], y: Entry[V]) -> Entry[V]:
     if x.counter < y.counter:
         x, y = y, x
     superseded = max(x.counter - len(x.values), y.counter - len(y.values))
-    keep = x.counter - superseded
+    keep = x.counter - superseded  # 0 <= keep <= len(x.values) <= x.counter
     if keep == len(x.values):
         return x
-    return Entry(x.actor, x.counter, x.values[:keep])
+    return unchecked_entry(x.actor, x.counter, x.values[:keep])
 
 
 # -- queries --------------------------------------------------------------------------
