@@ -216,8 +216,11 @@ class KVService(kv_pb2_grpc.KVServicer):
             for result in results:
                 if isinstance(result, errors.KVError):
                     out.results.add(error=error_item(result))
-                else:
-                    out.results.add(ok=_put_response(result))
+                else:  # filled in place: add(ok=...) would build and copy a message
+                    ok = out.results.add().ok
+                    ok.SetInParent()  # "ok" even when every field is empty
+                    ok.context = result.context
+                    ok.values.extend(result.values)
             return out
 
         return await self._run("put_many", context, call)
@@ -234,8 +237,12 @@ class KVService(kv_pb2_grpc.KVServicer):
             for result in results:
                 if isinstance(result, errors.KVError):
                     out.results.add(error=error_item(result))
-                else:
-                    out.results.add(ok=_get_response(result))
+                else:  # filled in place, as in PutMany
+                    found = out.results.add().ok
+                    found.SetInParent()  # "ok" even for a key not found
+                    found.found = result.found
+                    found.values.extend(result.values)
+                    found.context = result.context
             return out
 
         return await self._run("get_many", context, call)

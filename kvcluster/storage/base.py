@@ -33,6 +33,10 @@ class Table(enum.Enum):
     MERKLE = b"merkle"  # per-partition Merkle segment hashes (see kvcluster.core.merkle)
     META = b"meta"  # node metadata: identity, ring, actor epochs, ...
 
+    # Members are singletons, so identity hashing is exact, and it is C code:
+    # Enum.__hash__ is a Python call on every table lookup of every storage access.
+    __hash__ = object.__hash__
+
 
 class ReadView(Protocol):
     """A consistent snapshot of the store."""
