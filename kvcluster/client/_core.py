@@ -363,14 +363,20 @@ def group_by_coordinator(router: Router, reqs: Sequence[Any]) -> dict[str, list[
     ring = router.ring
     if ring is None:
         return {router.plan(None)[0]: list(range(len(reqs)))} if reqs else {}
-    # one plan per partition: every key of a partition has the same replicas
+    # one plan per replica list: every key of a partition has the same replicas,
+    # and partitions share replica lists (with N = nodes, a few orders of them all)
     per_partition: dict[int, list[str]] = {}
+    per_replicas: dict[tuple[str, ...], list[str]] = {}
     choices: list[list[str]] = []
     for req in reqs:
         partition = partition_of(req.key, ring.q)
         found = per_partition.get(partition)
         if found is None:
-            found = per_partition[partition] = _coordinators(router, ring.owners[partition])
+            replicas = ring.owners[partition]
+            found = per_replicas.get(replicas)
+            if found is None:
+                found = per_replicas[replicas] = _coordinators(router, replicas)
+            per_partition[partition] = found
         choices.append(found)
     left = list(range(len(reqs)))
     groups: dict[str, list[int]] = {}

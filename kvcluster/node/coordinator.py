@@ -501,11 +501,15 @@ class Coordinator:
                 tally = Tally(required, [t.node for t in place.targets])
                 op = ops[k] = _Write(place, deadline, result, tally)
                 batch.pending += 1
+                item = WriteItem(place.pkey, record, None, base)  # for every primary
                 for target in place.targets:
                     if target.node == self.node_id:
                         continue
                     items, owners = sends.setdefault(target.node, ([], []))
-                    items.append(WriteItem(place.pkey, record, target.hint_for, base))
+                    if target.hint_for is None:
+                        items.append(item)
+                    else:
+                        items.append(WriteItem(place.pkey, record, target.hint_for, base))
                     owners.append((op, target))
             for node, (items, owners) in sends.items():
                 deadline = max(op.deadline for op, _ in owners)
