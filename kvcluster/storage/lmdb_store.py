@@ -136,8 +136,8 @@ class _View:
     def get(self, table: Table, key: bytes) -> bytes | None:
         n = len(key)
         try:
-            if 0 < n <= _DIRECT_MAX:
-                return self._txn.get(key, db=self._dbs[table])
+            if 0 < n <= _DIRECT_MAX:  # positional: py-lmdb parses keywords slowly
+                return self._txn.get(key, None, self._dbs[table])
             if n == 0:
                 return None
             return _get_long(self._txn, self._dbs[table], key)
