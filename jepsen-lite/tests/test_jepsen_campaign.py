@@ -84,8 +84,8 @@ LOCAL = {
                        "--time-limit", "8", "--seed", "2"],
     "local-lin": ["--backend", "local", "--workload", "lin-register",
                   "--nemesis", "partition,kill,pause", "--time-limit", "8", "--seed", "3"],
-    "local-lin-quorum": ["--backend", "local", "--workload", "lin-register", "--nemesis", "latency",
-                         "--time-limit", "8", "--seed", "15", "--option", "read_quorum=quorum"],
+    "local-lin-one": ["--backend", "local", "--workload", "lin-register", "--nemesis", "latency",
+                      "--time-limit", "8", "--seed", "15", "--option", "read_quorum=one"],
     "local-lww": ["--backend", "local", "--workload", "set", "--nemesis", "none",
                   "--time-limit", "5", "--seed", "4", "--unsafe", "lww"],
     "local-ack": ["--backend", "local", "--workload", "set", "--nemesis", "partition",
@@ -183,10 +183,14 @@ def test_local_lin_register_is_linearizable(runs: dict[str, Future[Run]]) -> Non
 
 
 @pytest.mark.integration
-def test_quorum_reads_are_caught_not_linearizable(runs: dict[str, Future[Run]]) -> None:
-    # R = W = 2 of 3 without synchronous read repair: a read may see a write that
-    # reached one replica and a later read may not (Dynamo quorums are not atomic).
-    run = result(runs, "local-lin-quorum")
+def test_one_replica_reads_are_caught_not_linearizable(runs: dict[str, Future[Run]]) -> None:
+    # R = 1, W = 2 of 3 (R + W = N): a read that reaches the replica a write landed
+    # on first sees it, and a later read that asks another replica does not. Under
+    # the latency nemesis this happens on about ten keys per 8 s run, so the run
+    # is invalid every time and the checker must say why. (R = W = 2 is not
+    # linearizable either, Dynamo quorums not being atomic, but its window is one
+    # replication delay: 1 run in 3 of this length showed it, too rare to assert.)
+    run = result(runs, "local-lin-one")
     assert run.code == 1, run.explain()
     r = run.results
     bad = [a for a in r["anomalies"] if a["kind"] == "not-linearizable"]
