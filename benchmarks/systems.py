@@ -89,7 +89,7 @@ def kvcluster_cluster(
         cluster = dev.up(
             directory, nodes=nodes, base_port=base, n_val=n_val, r=r, w=w, settings=settings
         )
-        n = n_val if n_val is not None else min(3, nodes)
+        n = n_val if n_val is not None else dev.default_n_val(nodes)
         quorum = quorum_size(n)
         yield RunningSystem(
             name="kvcluster",

@@ -106,6 +106,12 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def default_n_val(nodes: int) -> int:
+    """N when none is given: 3 replicas, or every node of a smaller cluster (R and W
+    then default to a quorum of it). Benchmarks and jepsen-lite use the same rule."""
+    return min(3, nodes)
+
+
 def is_running(pid: int, data_dir: str | None = None) -> bool:
     """True if ``pid`` is a live (not zombie) kvcluster node process.
 
@@ -254,7 +260,7 @@ def up(
             f"'kvctl dev down --dir {directory}' first"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    n = n_val if n_val is not None else min(3, nodes)
+    n = n_val if n_val is not None else default_n_val(nodes)
     quorum = quorum_size(n)
     ids = [f"n{i + 1}" for i in range(nodes)]
     addresses = [f"127.0.0.1:{base_port + i}" for i in range(nodes)]

@@ -95,8 +95,8 @@ class Entry(Generic[V]):
     counter: int
     values: tuple[V, ...] = ()
 
-    # unchecked_entry skips these checks; its callers (new_with_context,
-    # kvcluster.core.record.decode_record) make them: keep them in step.
+    # unchecked_entry skips these checks: its callers (here and in
+    # kvcluster.core.record.decode_record) ensure them. Keep them in step.
     def __post_init__(self) -> None:
         if self.counter < 0:
             raise ValueError(f"negative counter {self.counter} for actor {self.actor!r}")
@@ -115,8 +115,8 @@ class Clock(Generic[V]):
     entries: tuple[Entry[V], ...] = ()
     anonymous: tuple[V, ...] = ()
 
-    # unchecked_clock skips these checks; its callers (new_with_context,
-    # kvcluster.core.record.decode_record) make them: keep them in step.
+    # unchecked_clock skips these checks: its callers (here and in
+    # kvcluster.core.record.decode_record) ensure them. Keep them in step.
     def __post_init__(self) -> None:
         entries = self.entries
         for i in range(1, len(entries)):

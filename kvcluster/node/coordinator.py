@@ -536,10 +536,10 @@ class Coordinator:
             await batch.wait(max(waiting))
         for op, (i, *_), outcome in zip(ops, local, outcomes, strict=True):
             durable = not isinstance(outcome, errors.KVError)
-            if isinstance(outcome, errors.KVError) and op is None:  # never applied
+            if op is None:  # never applied (every applied write was replicated)
+                if not isinstance(outcome, errors.KVError):
+                    raise AssertionError("a write became durable without being applied")
                 results[i] = outcome
-            elif op is None:  # applied ones were all replicated: unreachable
-                raise AssertionError("a write became durable without being applied")
             elif op.tally.outcome is Outcome.WON or (unsafe and durable):
                 results[i] = op.result
             else:

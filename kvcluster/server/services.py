@@ -71,12 +71,24 @@ def _write_request(m: kv_pb2.PutRequest) -> WriteRequest:
     )
 
 
-def _get_response(result: ReadResult) -> kv_pb2.GetResponse:
-    return kv_pb2.GetResponse(found=result.found, values=result.values, context=result.context)
+def _get_response(result: ReadResult, out: kv_pb2.GetResponse | None = None) -> kv_pb2.GetResponse:
+    """``result`` as a GetResponse, filled into ``out`` if given (a batch's item:
+    filling it in place saves building a message and copying it in)."""
+    msg = kv_pb2.GetResponse() if out is None else out
+    msg.SetInParent()  # set even for a key not found (every field empty)
+    msg.found = result.found
+    msg.values.extend(result.values)
+    msg.context = result.context
+    return msg
 
 
-def _put_response(result: WriteResult) -> kv_pb2.PutResponse:
-    return kv_pb2.PutResponse(context=result.context, values=result.values)
+def _put_response(result: WriteResult, out: kv_pb2.PutResponse | None = None) -> kv_pb2.PutResponse:
+    """``result`` as a PutResponse, filled into ``out`` if given (see _get_response)."""
+    msg = kv_pb2.PutResponse() if out is None else out
+    msg.SetInParent()
+    msg.context = result.context
+    msg.values.extend(result.values)
+    return msg
 
 
 def error_item(err: errors.KVError) -> kv_pb2.ItemError:
@@ -216,11 +228,8 @@ class KVService(kv_pb2_grpc.KVServicer):
             for result in results:
                 if isinstance(result, errors.KVError):
                     out.results.add(error=error_item(result))
-                else:  # filled in place: add(ok=...) would build and copy a message
-                    ok = out.results.add().ok
-                    ok.SetInParent()  # "ok" even when every field is empty
-                    ok.context = result.context
-                    ok.values.extend(result.values)
+                else:
+                    _put_response(result, out.results.add().ok)
             return out
 
         return await self._run("put_many", context, call)
@@ -237,12 +246,8 @@ class KVService(kv_pb2_grpc.KVServicer):
             for result in results:
                 if isinstance(result, errors.KVError):
                     out.results.add(error=error_item(result))
-                else:  # filled in place, as in PutMany
-                    found = out.results.add().ok
-                    found.SetInParent()  # "ok" even for a key not found
-                    found.found = result.found
-                    found.values.extend(result.values)
-                    found.context = result.context
+                else:
+                    _get_response(result, out.results.add().ok)
             return out
 
         return await self._run("get_many", context, call)

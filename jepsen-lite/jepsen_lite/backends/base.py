@@ -182,7 +182,7 @@ def replication(settings: Mapping[str, Any], nodes: int) -> tuple[dict[str, Any]
     """Split ``n_val``, ``r`` and ``w`` off node settings: ``(other settings, N, R, W)``,
     N defaulting to min(3, nodes) and R and W to a quorum of N (as ``kvctl dev up``)."""
     opts = dict(settings)
-    n = int(opts.pop("n_val", min(3, nodes)))
+    n = int(opts.pop("n_val", dev.default_n_val(nodes)))
     quorum = quorum_size(n)
     return opts, n, int(opts.pop("r", quorum)), int(opts.pop("w", quorum))
 
